@@ -1,0 +1,11 @@
+"""BatchNorm2d in CUDA (one load_inline module) and Triton, behind one interface.
+
+>>> from kernels import BatchNorm2d, batch_norm, convert
+"""
+from .cuda_kernels import CudaConfig
+from .functional import BACKENDS, DTYPES, batch_norm, normalize, output_like
+from .module import BatchNorm2d, convert
+from .triton_kernels import TritonConfig
+
+__all__ = ["BACKENDS", "DTYPES", "BatchNorm2d", "CudaConfig", "TritonConfig", "batch_norm", "convert",
+           "normalize", "output_like"]

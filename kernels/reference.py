@@ -1,0 +1,28 @@
+"""The float64 reference every backend is checked against, and the error measure."""
+import torch
+
+
+def batch_norm_reference(x, mean, var, weight=None, bias=None, eps: float = 1e-5):
+    """Eval-mode BatchNorm2d in float64, written from its definition."""
+    shape = (1, -1, 1, 1)
+    y = (x.double() - mean.double().view(shape)) / torch.sqrt(var.double().view(shape) + eps)
+    if weight is not None:
+        y = y * weight.double().view(shape)
+    if bias is not None:
+        y = y + bias.double().view(shape)
+    return y
+
+
+def batch_stats_reference(x):
+    """Per-channel batch mean and biased variance in float64."""
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def relative_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere in `out` gives inf, so an unwritten element fails."""
+    out = out.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)

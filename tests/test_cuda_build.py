@@ -1,0 +1,62 @@
+"""The CUDA module compiles without a GPU: for sm_80 and sm_90 with the installed PyTorch, and the same
+source against PyTorch 2.1's headers (the oldest PyTorch promised)."""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from kernels import cuda_kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="needs nvcc")
+
+
+@nvcc
+def test_module_builds_and_imports_for_sm80_and_sm90(tmp_path):
+    """A cold build in a fresh process and extension directory; the library holds sm_80 and sm_90 code."""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), TORCH_CUDA_ARCH_LIST="8.0;9.0", PYTHONPATH=str(ROOT))
+    code = "from kernels import cuda_kernels; m = cuda_kernels.build(); print(m.__file__, m.nchw, m.channels_last, m.naive)"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    library = run.stdout.split()[0]
+    cuobjdump = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
+    if cuobjdump.exists():
+        elves = subprocess.run([str(cuobjdump), "--list-elf", library], capture_output=True, text=True).stdout
+        assert "sm_80" in elves and "sm_90" in elves, elves
+
+
+def compile_commands(include: Path, out: Path):
+    """nvcc and g++ commands that compile the module's two sources as load_inline does on PyTorch 2.1
+    (which has no no_implicit_headers: it prepends torch/extension.h and torch/types.h)."""
+    functions = "\n".join(f'm.def("{f}", torch::wrap_pybind_function({f}), "{f}");' for f in cuda_kernels.FUNCTIONS)
+    (out / "main.cpp").write_text("#include <torch/extension.h>\n" + cuda_kernels.CPP_SOURCE +
+                                  f"\nPYBIND11_MODULE(bn2d_cuda, m) {{\n{functions}\n}}\n")
+    (out / "cuda.cu").write_text("#include <torch/types.h>\n#include <cuda.h>\n#include <cuda_runtime.h>\n" +
+                                 cuda_kernels.CUDA_SOURCE)
+    includes = ["-isystem", str(include), "-isystem", str(include / "torch/csrc/api/include"),
+                "-isystem", sysconfig.get_paths()["include"]]
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    nvcc_cmd = [f"{cuda_home}/bin/nvcc", "-c", str(out / "cuda.cu"), "-o", str(out / "cuda.o"), *includes,
+                "-std=c++17", "-O3", "--compiler-options", "-fPIC", "-D__CUDA_NO_HALF_OPERATORS__",
+                "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    gxx_cmd = ["c++", "-c", str(out / "main.cpp"), "-o", str(out / "main.o"), *includes, "-isystem",
+               f"{cuda_home}/include", "-std=c++17", "-fPIC", "-DTORCH_EXTENSION_NAME=bn2d_cuda",
+               "-DTORCH_API_INCLUDE_EXTENSION_H", "-D_GLIBCXX_USE_CXX11_ABI=0"]
+    return nvcc_cmd, gxx_cmd
+
+
+@nvcc
+@pytest.mark.skipif(not os.environ.get("BN2D_TORCH21_INCLUDE"),
+                    reason="set BN2D_TORCH21_INCLUDE to PyTorch 2.1's include/ (.ci/torch21-headers fetches it)")
+def test_source_compiles_against_pytorch_2_1_headers(tmp_path):
+    include = Path(os.environ["BN2D_TORCH21_INCLUDE"])
+    version = (include / "torch/csrc/api/include/torch/version.h").read_text()
+    assert "TORCH_VERSION_MAJOR 2\n" in version and "TORCH_VERSION_MINOR 1\n" in version
+    for cmd in compile_commands(include, tmp_path):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        assert run.returncode == 0, run.stderr[-4000:]

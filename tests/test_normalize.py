@@ -1,0 +1,78 @@
+"""The kernels against the float64 reference: every backend, dtype, layout and shape, outputs poisoned."""
+import pytest
+import torch
+from conftest import BACKENDS, DEVICE, SHAPES, TOLERANCE, make_layout, make_params
+
+from kernels import batch_norm, output_like
+from kernels.reference import batch_norm_reference, relative_error
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+LAYOUTS = ["nchw", "channels_last", "strided"]
+
+
+def dtype_id(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def supported(backend, layout):
+    return backend != "cuda_naive" or layout == "nchw"
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("param_dtype", ["fp32", "same"], ids=["params_fp32", "params_same"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, shape, dtype, layout, param_dtype, affine):
+    if not supported(backend, layout):
+        pytest.skip("cuda_naive reads contiguous NCHW only")
+    x = make_layout(torch.randn(shape, device=DEVICE).to(dtype), layout)
+    mean, var, weight, bias = make_params(shape[1], torch.float32 if param_dtype == "fp32" else dtype, affine=affine)
+    out = output_like(x, backend).fill_(float("nan"))  # an element the kernel leaves unwritten fails
+    y = batch_norm(x, mean, var, weight, bias, eps=1e-3, backend=backend, out=out)
+    assert y is out
+    ref = batch_norm_reference(x, mean, var, weight, bias, eps=1e-3)
+    assert relative_error(y, ref) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_keeps_dtype_and_memory_format(backend, dtype, layout):
+    if not supported(backend, layout):
+        pytest.skip("cuda_naive reads contiguous NCHW only")
+    x = make_layout(torch.randn(2, 8, 6, 6, device=DEVICE).to(dtype), layout)
+    params = make_params(8)
+    y = batch_norm(x, *params, backend=backend)
+    expected = torch.nn.functional.batch_norm(x.cpu(), *(t.cpu().to(dtype) for t in params))  # PyTorch's choice
+    assert y.dtype == dtype and y.shape == x.shape
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and expected.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place(backend):
+    x = torch.randn(2, 8, 9, 9, device=DEVICE)
+    params = make_params(8)
+    ref = batch_norm_reference(x, *params)
+    y = batch_norm(x, *params, backend=backend, out=x)
+    assert y is x and relative_error(x, ref) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("block", [(1, 16, 1), (4, 8, 2), (32, 1, 1)], ids=lambda b: "r{}_l{}_w{}".format(*b))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_configs(layout, block):
+    """Small tiles: many programs per plane and many planes per program."""
+    x = make_layout(torch.randn(2, 6, 5, 7, device=DEVICE), layout)
+    params = make_params(6)
+    y = batch_norm(x, *params, backend="triton", config=dict(zip(("block_r", "block_l", "num_warps"), block)))
+    assert relative_error(y, batch_norm_reference(x, *params)) <= TOLERANCE[torch.float32]
+
+
+def test_bad_config():
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    with pytest.raises(TypeError, match="TritonConfig"):
+        batch_norm(x, *make_params(3), backend="triton", config=(1, 2, 3))
+    with pytest.raises(ValueError, match="strides"):
+        batch_norm(x, *make_params(3), backend="triton", out=torch.empty(2, 3, 4, 8, device=DEVICE)[..., ::2])
