@@ -3,9 +3,9 @@
 >>> from kernels import BatchNorm2d, batch_norm, convert
 """
 from .cuda_kernels import CudaConfig
-from .functional import BACKENDS, DTYPES, batch_norm, normalize, output_like
+from .functional import BACKENDS, DTYPES, batch_norm, bytes_moved, normalize, output_like
 from .module import BatchNorm2d, convert
 from .triton_kernels import TritonConfig
 
-__all__ = ["BACKENDS", "DTYPES", "BatchNorm2d", "CudaConfig", "TritonConfig", "batch_norm", "convert",
+__all__ = ["BACKENDS", "DTYPES", "BatchNorm2d", "CudaConfig", "TritonConfig", "batch_norm", "bytes_moved", "convert",
            "normalize", "output_like"]

@@ -73,6 +73,12 @@ def normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor]
     return out
 
 
+def bytes_moved(shape, dtype, param_bytes: int = 4) -> int:
+    """The fewest bytes an eval-mode forward moves: x read once, y written once, four per-channel vectors."""
+    n, c, h, w = shape
+    return 2 * n * c * h * w * torch.empty((), dtype=dtype).element_size() + 4 * c * param_bytes
+
+
 def output_like(input: Tensor, backend: str = "cuda") -> Tensor:
     """An uninitialised tensor with the layout of the result for ``input``."""
     return torch.empty_like(_layout(input, backend)[0])

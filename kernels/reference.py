@@ -26,3 +26,17 @@ def relative_error(out, ref) -> float:
         return float("inf")
     denom = ref.norm().item()
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def batch_norm_error(y, x, mean, var, weight=None, bias=None, eps: float = 1e-5, rows: int = 256) -> float:
+    """relative_error of y against the reference for x, in slices of H: the float64 copy of a whole large
+    tensor need not fit."""
+    num = den = 0.0
+    for h in range(0, x.size(2), rows):
+        ref = batch_norm_reference(x[:, :, h:h + rows], mean, var, weight, bias, eps)
+        out = y[:, :, h:h + rows].double()
+        if not torch.isfinite(out).all():
+            return float("inf")
+        num += (out - ref).norm().item() ** 2
+        den += ref.norm().item() ** 2
+    return (num / den) ** 0.5 if den > 0 else num ** 0.5

@@ -54,3 +54,9 @@ def make_params(channels, dtype=torch.float32, device=DEVICE, affine=True):
     if not affine:
         return mean, var, None, None
     return mean, var, torch.randn(channels, device=device).to(dtype), torch.randn(channels, device=device).to(dtype)
+
+
+def pytest_report_header(config):
+    from experiments.environment import capture
+
+    return [f"bn2d environment: {', '.join(f'{k}={v}' for k, v in capture().items())}"]

@@ -1,0 +1,161 @@
+"""Sweep: time each backend on each shape, dtype and layout against a device-to-device copy of the same
+bytes, measured in the same process with the same timer. One long-format CSV row per measurement.
+
+    python -m experiments.sweep --preset quick --out experiments/results/eval_quick.csv
+    python -m experiments.sweep --preset full --part 1/4 --out experiments/results/eval_full.csv
+
+Rows already in --out are skipped, so an interrupted sweep resumes where it stopped.
+"""
+import argparse
+import csv
+import itertools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from tqdm import tqdm
+
+from experiments.environment import capture
+from experiments.shapes import PRESETS
+from kernels import CudaConfig, TritonConfig, batch_norm, bytes_moved
+from kernels.reference import batch_norm_error
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+BACKENDS = ["cuda", "cuda_naive", "triton", "torch", "torch_nocudnn", "torch_compile"]
+
+# Vendor datasheet memory bandwidth (GB/s), matched against the GPU name.
+DATASHEET_GBPS = [("A100-SXM4-40GB", 1555), ("A100-PCIE-40GB", 1555), ("A100", 2039), ("H100 PCIe", 2000),
+                  ("H100", 3350), ("H200", 4800)]
+
+# Shapes at or under this many bytes moved are also timed by CUDA-graph replay, where launch gaps vanish.
+GRAPH_BYTES = 64 << 20
+
+# Launch-parameter grids for the block-size heatmaps (run on the shapes of --grid-shapes).
+CUDA_GRID = [CudaConfig(t, v, b) for t in (128, 256, 512, 1024) for v in (True, False) for b in (0, 4)]
+TRITON_GRID = [TritonConfig(r, l, w) for r, l in ((1, 1024), (1, 4096), (2, 2048), (4, 1024), (8, 512), (16, 256),
+                                                   (64, 64), (32, 256)) for w in (4, 8)]
+
+COLUMNS = ["mode", "n", "c", "h", "w", "dtype", "layout", "backend", "config", "timing", "repeat", "median_ms",
+           "p20_ms", "p80_ms", "bytes", "gbps", "copy_ms", "copy_gbps", "pct_of_copy", "datasheet_gbps",
+           "rel_error", "gpu_name", "driver", "sm_clock_mhz", "mem_clock_mhz", "torch", "triton", "cuda", "commit",
+           "timestamp"]
+KEY = COLUMNS[:COLUMNS.index("repeat") + 1]  # what identifies a measurement, for resuming
+
+
+def datasheet_gbps(gpu_name: str) -> float:
+    return next((gbps for key, gbps in DATASHEET_GBPS if key in gpu_name), float("nan"))
+
+
+def time_ms(fn, graph: bool):
+    """(median, p20, p80) in ms: do_bench (L2 flushed before each call) or CUDA-graph replay."""
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, quantiles=[0.5, 0.2, 0.8])
+    return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+
+
+def make_fn(backend, config, x, params):
+    """A no-argument callable running one eval-mode forward on `backend`."""
+    if backend == "torch":
+        return lambda: F.batch_norm(x, *params)
+    if backend == "torch_nocudnn":
+        def fn():
+            with torch.backends.cudnn.flags(enabled=False):
+                return F.batch_norm(x, *params)
+        return fn
+    if backend == "torch_compile":
+        compiled = torch.compile(lambda x, m, v, w, b: F.batch_norm(x, m, v, w, b), dynamic=False)
+        return lambda: compiled(x, *params)
+    return lambda: batch_norm(x, *params, backend=backend, config=config)
+
+
+def points(args):
+    """(shape, dtype, layout, backend, config) in sweep order; configs other than the default only on grid shapes."""
+    shapes = PRESETS[args.preset]
+    part, parts = map(int, args.part.split("/"))
+    shapes = shapes[part - 1::parts]
+    for shape, dtype, layout, backend in itertools.product(shapes, args.dtypes, args.layouts, args.backends):
+        if backend == "cuda_naive" and layout != "nchw":
+            continue
+        configs = [None]
+        if args.grid and shape in PRESETS["smoke"]:
+            configs += {"cuda": CUDA_GRID, "triton": TRITON_GRID}.get(backend, [])
+        for config in configs:
+            yield shape, dtype, layout, backend, config
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--part", default="1/1", help="K/P: the K-th of P interleaved parts of the shapes")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=BACKENDS)
+    parser.add_argument("--grid", action="store_true", help="also sweep launch configs on the smoke shapes")
+    parser.add_argument("--repeats", type=int, default=1, help="independent timings of each point (error bars)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch._dynamo.config.cache_size_limit = 1024  # one compiled graph per shape, dtype and layout
+
+    done = set()
+    if args.out.exists():
+        with args.out.open() as f:
+            done = {tuple(row[k] for k in KEY) for row in csv.DictReader(f)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not args.out.exists()
+    env = capture()
+    peak = datasheet_gbps(env["gpu_name"])
+    with args.out.open("a", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        todo = list(points(args))
+        copies = {}
+        for shape, dtype_name, layout, backend, config in tqdm(todo, desc="sweep", mininterval=5):
+            nbytes = bytes_moved(shape, DTYPES[dtype_name])
+            graph_modes = [False, True] if nbytes <= GRAPH_BYTES else [False]
+            config_str = "default" if config is None else repr(config)
+            x = torch.randn(shape, device="cuda").to(DTYPES[dtype_name]).contiguous(memory_format=LAYOUTS[layout])
+            params = (torch.randn(shape[1], device="cuda"), torch.rand(shape[1], device="cuda") + 0.5,
+                      torch.randn(shape[1], device="cuda"), torch.randn(shape[1], device="cuda"))
+            fn = make_fn(backend, config, x, params)
+            error = None
+            for graph, repeat in itertools.product(graph_modes, range(args.repeats)):
+                timing = "cudagraph" if graph else "do_bench"
+                row = dict(mode="eval", n=shape[0], c=shape[1], h=shape[2], w=shape[3], dtype=dtype_name,
+                           layout=layout, backend=backend, config=config_str, timing=timing, repeat=repeat)
+                if tuple(str(row[k]) for k in KEY) in done:
+                    continue
+                if error is None:
+                    error = batch_norm_error(fn(), x, *params)
+                copy_key = (shape, dtype_name, layout, timing, repeat)
+                if copy_key not in copies:
+                    y = torch.empty_like(x)
+                    copies[copy_key] = time_ms(lambda: y.copy_(x), graph)[0]
+                median, p20, p80 = time_ms(fn, graph)
+                copy_ms = copies[copy_key]
+                row.update(median_ms=median, p20_ms=p20, p80_ms=p80, bytes=nbytes, gbps=nbytes / median / 1e6,
+                           copy_ms=copy_ms, copy_gbps=nbytes / copy_ms / 1e6, pct_of_copy=100 * copy_ms / median,
+                           datasheet_gbps=peak, rel_error=error, **env)
+                writer.writerow(row)
+                f.flush()
+            del x, fn
+    summary(args.out)
+
+
+def summary(path: Path):
+    """Print % of copy (median over repeats) per shape for the default configs, one column per backend."""
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    df = df[(df.config == "default") & (df.timing == "do_bench")]
+    df["shape"] = df.n.astype(str) + "x" + df.c.astype(str) + "x" + df.h.astype(str) + "x" + df.w.astype(str)
+    table = df.pivot_table(index=["shape", "dtype", "layout"], columns="backend", values="pct_of_copy", aggfunc="median")
+    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.0f}".format):
+        print(f"% of copy bandwidth ({path}):")
+        print(table)
+
+
+if __name__ == "__main__":
+    main()

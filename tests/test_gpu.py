@@ -1,0 +1,103 @@
+"""What needs a GPU: tensors past 2^31 elements, streams and devices, gradcheck, torch.compile, CUDA graphs."""
+import pytest
+import torch
+from conftest import TOLERANCE, gpu, make_params
+from torch import nn
+
+from kernels import BatchNorm2d, batch_norm, output_like
+from kernels.reference import batch_norm_error, batch_norm_reference, relative_error
+
+pytestmark = gpu
+KERNELS = ["cuda", "triton"]
+
+
+@pytest.mark.parametrize("shape, fmt", [((1, 2, 32768, 32770), torch.contiguous_format),
+                                        ((1, 64, 8192, 4097), torch.channels_last)], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_more_than_2_31_elements(backend, shape, fmt):
+    x = torch.randn(shape, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
+    assert x.numel() > 2 ** 31
+    params = make_params(shape[1])
+    out = output_like(x).fill_(float("nan"))
+    batch_norm(x, *params, backend=backend, out=out)
+    assert batch_norm_error(out, x, *params) <= TOLERANCE[torch.float16]
+    if fmt == torch.contiguous_format:
+        with pytest.raises(RuntimeError, match="32-bit"):
+            batch_norm(x, *params, backend="cuda_naive", out=out)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_runs_on_the_current_stream(backend):
+    """The stream is held back by a sleep, then refills x: a launch on any other stream reads the old x."""
+    x = torch.randn(8, 16, 32, 32, device="cuda")
+    fresh = torch.randn_like(x)
+    params = make_params(16)
+    batch_norm(x, *params, backend=backend)  # compile and load outside the timed region
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(50_000_000)
+        x.copy_(fresh)
+        y = batch_norm(x, *params, backend=backend)
+    stream.synchronize()
+    assert relative_error(y, batch_norm_reference(fresh, *params)) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", KERNELS)
+def test_runs_on_the_inputs_device(backend):
+    x = torch.randn(4, 8, 16, 16, device="cuda:1")
+    params = make_params(8, device="cuda:1")
+    with torch.cuda.device(0):
+        y = batch_norm(x, *params, backend=backend)
+    assert y.device == x.device
+    assert relative_error(y, batch_norm_reference(x, *params)) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_gradcheck_float64(backend, training):
+    x = torch.randn(2, 3, 4, 5, device="cuda", dtype=torch.float64, requires_grad=True)
+    mean, var, weight, bias = (t.requires_grad_() for t in make_params(3, torch.float64))
+    if training:
+        f = lambda x, w, b: batch_norm(x, None, None, w, b, training=True, backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, weight, bias))
+    else:
+        f = lambda x, m, v, w, b: batch_norm(x, m, v, w, b, backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, mean, var, weight, bias))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_torch_compile_fullgraph(backend, training):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNorm2d(8, backend=backend), nn.ReLU()).cuda()
+    reference = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).cuda()
+    reference.load_state_dict(model.state_dict())
+    model.train(training)
+    reference.train(training)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    expected = reference(x)
+    assert torch.allclose(compiled(x), expected, atol=1e-4)
+    assert torch.allclose(model[1].running_mean, reference[1].running_mean, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_cuda_graph_capture_and_replay(backend):
+    bn = BatchNorm2d(16, backend=backend).cuda().eval()
+    bn.running_mean.normal_()
+    static_x = torch.randn(4, 16, 14, 14, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        bn(static_x)  # warm-up: build, JIT and allocator outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = bn(static_x)
+    fresh = torch.randn_like(static_x)
+    static_x.copy_(fresh)
+    static_y.fill_(float("nan"))
+    graph.replay()
+    expected = batch_norm_reference(fresh, bn.running_mean, bn.running_var, bn.weight.detach(), bn.bias.detach())
+    assert relative_error(static_y, expected) <= TOLERANCE[torch.float32]
