@@ -21,7 +21,6 @@ from torch.utils import cpp_extension
 CUDA_SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -165,35 +164,53 @@ __global__ void naive_kernel(const scalar_t* x, scalar_t* y, const Params p, int
   }
 }
 
-// Checks one pair of per-channel tensors and returns its pointers; `fp32` says which dtype it has.
-void pair_ptrs(const at::Tensor& x, const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& b,
-               const void** pa, const void** pb, bool* fp32) {
-  *pa = *pb = nullptr;
-  *fp32 = false;
-  for (auto [t, p] : {std::pair{&a, pa}, std::pair{&b, pb}}) {
-    if (!t->has_value() || !(*t)->defined()) continue;
+// Errors are returned to Python, which raises them, instead of thrown: under PyTorch 2.11 a c10::Error
+// thrown through this module crashed the process (experiments/NOTES.md). An empty string means success.
+#define BN2D_REQUIRE(cond, msg) \
+  do {                          \
+    if (!(cond)) return std::string("bn2d: ") + (msg); \
+  } while (0)
+
+std::string check_pair(const at::Tensor& x, const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& b) {
+  for (const auto* t : {&a, &b}) {
+    if (!t->has_value()) continue;
     const at::Tensor& v = **t;
-    TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == x.scalar_type(),
-                "bn2d: per-channel tensors must be float32 or the input's dtype ", x.scalar_type(), ", got ", v.scalar_type());
-    TORCH_CHECK(v.is_contiguous() && v.numel() == x.size(1) && v.device() == x.device(),
-                "bn2d: per-channel tensors must be contiguous, one value per channel, on the input's device");
-    *p = v.data_ptr();
-    *fp32 = v.scalar_type() == at::kFloat;
+    BN2D_REQUIRE(v.scalar_type() == at::kFloat || v.scalar_type() == x.scalar_type(),
+                 "per-channel tensors must be float32 or the input's dtype");
+    BN2D_REQUIRE(v.is_contiguous() && v.dim() == 1 && v.numel() == x.size(1) && v.device() == x.device(),
+                 "per-channel tensors must be contiguous, one value per channel, on the input's device");
   }
-  TORCH_CHECK(!a.has_value() || !b.has_value() || a->scalar_type() == b->scalar_type(),
-              "bn2d: weight and bias (and mean and var) must share one dtype");
+  BN2D_REQUIRE(!a.has_value() || !b.has_value() || a->scalar_type() == b->scalar_type(),
+               "weight and bias (and mean and var) must share one dtype");
+  return "";
 }
 
-Params make_params(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                   const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
-                   double eps) {
-  TORCH_CHECK(x.is_cuda(), "bn2d: input must be a CUDA tensor, got ", x.device());
-  Params p;
-  pair_ptrs(x, weight, bias, &p.weight, &p.bias, &p.affine_fp32);
-  pair_ptrs(x, mean, var, &p.mean, &p.var, &p.stats_fp32);
-  TORCH_CHECK(p.mean != nullptr && p.var != nullptr, "bn2d: mean and var are required");
-  p.eps = eps;
-  return p;
+std::string check(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+                  int64_t threads) {
+  BN2D_REQUIRE(x.is_cuda() && x.dim() == 4, "the input must be a 4-D CUDA tensor");
+  BN2D_REQUIRE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ||
+                   x.scalar_type() == at::kDouble, "the input must be float32, float16, bfloat16 or float64");
+  BN2D_REQUIRE(y.sizes() == x.sizes() && y.strides() == x.strides() && y.scalar_type() == x.scalar_type() &&
+                   y.device() == x.device(), "the output must have the input's shape, strides, dtype and device");
+  BN2D_REQUIRE(x.size(1) <= INT32_MAX, "too many channels");
+  BN2D_REQUIRE(threads >= 32 && threads <= 1024 && threads % 32 == 0,
+               "threads per block must be a multiple of 32 in [32, 1024], got " + std::to_string(threads));
+  if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
+  return check_pair(x, mean, var);
+}
+
+Params make_params(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                   const at::Tensor& mean, const at::Tensor& var, double eps) {
+  auto ptr = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; };
+  const bool affine_fp32 = weight.has_value() ? weight->scalar_type() == at::kFloat
+                                              : bias.has_value() && bias->scalar_type() == at::kFloat;
+  return {ptr(weight), ptr(bias), mean.data_ptr(), var.data_ptr(), affine_fp32, mean.scalar_type() == at::kFloat, eps};
+}
+
+std::string launch_error() {
+  const cudaError_t error = cudaGetLastError();
+  return error == cudaSuccess ? "" : std::string("bn2d: kernel launch failed: ") + cudaGetErrorString(error);
 }
 
 bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % VEC_BYTES == 0; }
@@ -211,7 +228,6 @@ void launch_nchw(const at::Tensor& x, at::Tensor& y, const Params& p, int64_t th
   const int64_t blocks = cap_blocks(std::min<int64_t>(cdiv(numel / VEC, threads * UNROLL), INT32_MAX), max_blocks);
   nchw_kernel<scalar_t, VEC, index_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, numel, x.size(2) * x.size(3), x.size(1));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, int VEC>
@@ -223,30 +239,21 @@ void launch_channels_last(const at::Tensor& x, at::Tensor& y, const Params& p, i
   while (tx < cdiv(channels, VEC) && tx < threads) tx *= 2;
   const int64_t ty = std::max<int64_t>(threads / tx, 1);
   const int64_t gx = cdiv(cdiv(channels, VEC), tx);
-  TORCH_CHECK(gx <= INT32_MAX, "bn2d: too many channels: ", channels);
   const int64_t gy = cap_blocks(std::min<int64_t>(cdiv(rows, ty * UNROLL), 65535), max_blocks > 0 ? cdiv(max_blocks, gx) : 0);
   channels_last_kernel<scalar_t, VEC><<<dim3(gx, gy), dim3(tx, ty), 0, c10::cuda::getCurrentCUDAStream()>>>(
       x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, rows, channels);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void check_io(const at::Tensor& x, const at::Tensor& y, int64_t threads) {
-  TORCH_CHECK(x.dim() == 4, "bn2d: expected a 4-D input, got ", x.dim(), "-D");
-  TORCH_CHECK(y.sizes() == x.sizes() && y.strides() == x.strides() && y.scalar_type() == x.scalar_type() &&
-                  y.device() == x.device(), "bn2d: the output must have the input's shape, strides, dtype and device");
-  TORCH_CHECK(threads > 0 && threads <= 1024 && threads % 32 == 0, "bn2d: threads per block must be a multiple of 32 in [32, 1024], got ", threads);
 }
 
 }  // namespace
 
-void nchw(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
-          const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
-          int64_t threads, bool vectorized, int64_t max_blocks) {
-  check_io(x, y, threads);
-  TORCH_CHECK(x.is_contiguous(), "bn2d: nchw expects a contiguous input");
-  if (x.numel() == 0) return;
+std::string nchw(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
+                 const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+                 int64_t threads, bool vectorized, int64_t max_blocks) {
+  if (auto error = check(x, y, weight, bias, mean, var, threads); !error.empty()) return error;
+  BN2D_REQUIRE(x.is_contiguous(), "nchw expects a contiguous input");
+  if (x.numel() == 0) return "";
   const c10::cuda::CUDAGuard guard(x.device());
-  const Params p = make_params(x, weight, bias, mean, var, eps);
+  const Params p = make_params(weight, bias, mean, var, eps);
   const bool narrow = x.numel() < (int64_t(1) << 31);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn2d_nchw", [&] {
     constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
@@ -258,16 +265,17 @@ void nchw(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& w
              : launch_nchw<scalar_t, 1, int64_t>(x, y, p, threads, max_blocks);
     }
   });
+  return launch_error();
 }
 
-void channels_last(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
-                   const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
-                   int64_t threads, bool vectorized, int64_t max_blocks) {
-  check_io(x, y, threads);
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "bn2d: channels_last expects a channels_last input");
-  if (x.numel() == 0) return;
+std::string channels_last(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+                          double eps, int64_t threads, bool vectorized, int64_t max_blocks) {
+  if (auto error = check(x, y, weight, bias, mean, var, threads); !error.empty()) return error;
+  BN2D_REQUIRE(x.is_contiguous(at::MemoryFormat::ChannelsLast), "channels_last expects a channels_last input");
+  if (x.numel() == 0) return "";
   const c10::cuda::CUDAGuard guard(x.device());
-  const Params p = make_params(x, weight, bias, mean, var, eps);
+  const Params p = make_params(weight, bias, mean, var, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn2d_channels_last", [&] {
     constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
     if (vectorized && aligned(x) && aligned(y) && x.size(1) % VEC == 0) {
@@ -276,24 +284,25 @@ void channels_last(const at::Tensor& x, at::Tensor& y, const c10::optional<at::T
       launch_channels_last<scalar_t, 1>(x, y, p, threads, max_blocks);
     }
   });
+  return launch_error();
 }
 
-void naive(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
-           const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps) {
-  check_io(x, y, 256);
-  TORCH_CHECK(x.is_contiguous(), "bn2d: naive expects a contiguous input");
-  TORCH_CHECK(x.numel() <= INT32_MAX, "bn2d: the naive kernel indexes with 32-bit ints and cannot address ",
-              x.numel(), " elements (at most 2^31 - 1)");
-  if (x.numel() == 0) return;
+std::string naive(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps) {
+  if (auto error = check(x, y, weight, bias, mean, var, 256); !error.empty()) return error;
+  BN2D_REQUIRE(x.is_contiguous(), "naive expects a contiguous input");
+  BN2D_REQUIRE(x.numel() <= INT32_MAX, "the naive kernel indexes with 32-bit ints and cannot address " +
+                                           std::to_string(x.numel()) + " elements (at most 2^31 - 1)");
+  if (x.numel() == 0) return "";
   const c10::cuda::CUDAGuard guard(x.device());
-  const Params p = make_params(x, weight, bias, mean, var, eps);
+  const Params p = make_params(weight, bias, mean, var, eps);
   const int numel = static_cast<int>(x.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn2d_naive", [&] {
     naive_kernel<scalar_t><<<(numel + 255) / 256, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, numel,
-        static_cast<int>(x.size(2) * x.size(3)), static_cast<int>(x.size(1)));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, numel, static_cast<int>(x.size(2) * x.size(3)),
+        static_cast<int>(x.size(1)));
   });
+  return launch_error();
 }
 """
 
@@ -303,11 +312,12 @@ CPP_SOURCE = r"""
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/utils/pybind.h>
 
+// Each returns an error message, empty on success.
 #define BN2D_SIGNATURE const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight, \
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps
-void nchw(BN2D_SIGNATURE, int64_t threads, bool vectorized, int64_t max_blocks);
-void channels_last(BN2D_SIGNATURE, int64_t threads, bool vectorized, int64_t max_blocks);
-void naive(BN2D_SIGNATURE);
+std::string nchw(BN2D_SIGNATURE, int64_t threads, bool vectorized, int64_t max_blocks);
+std::string channels_last(BN2D_SIGNATURE, int64_t threads, bool vectorized, int64_t max_blocks);
+std::string naive(BN2D_SIGNATURE);
 """
 
 FUNCTIONS = ["nchw", "channels_last", "naive"]
@@ -366,10 +376,12 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config: Cu
     """y = x * scale[c] + shift[c] for `layout` in ("nchw", "channels_last", "naive"); x and y share strides."""
     m = module()
     if layout == "naive":
-        m.naive(x, y, weight, bias, mean, var, eps)
-        return
-    max_blocks = config.blocks_per_sm * _sm_count(x.device) if config.blocks_per_sm else 0
-    getattr(m, layout)(x, y, weight, bias, mean, var, eps, config.threads, config.vectorized, max_blocks)
+        error = m.naive(x, y, weight, bias, mean, var, eps)
+    else:
+        max_blocks = config.blocks_per_sm * _sm_count(x.device) if config.blocks_per_sm else 0
+        error = getattr(m, layout)(x, y, weight, bias, mean, var, eps, config.threads, config.vectorized, max_blocks)
+    if error:
+        raise RuntimeError(error)
 
 
 _sm_counts = {}

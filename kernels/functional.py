@@ -61,9 +61,13 @@ def normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor]
     if backend == "torch":
         raise ValueError("normalize runs the kernel backends; use batch_norm for backend='torch'")
     config = _config_list(backend, config)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (input, mean, var, weight, bias))
     if out is None:
-        return _normalize(input, mean, var, weight, bias, eps, backend, config)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, mean, var, weight, bias)):
+        # The registered op serves autograd and torch.compile; plain eager calls skip its dispatch cost.
+        traced = needs_grad or _is_compiling()
+        return (_normalize if traced else _normalize_impl)(input, mean, var, weight, bias, eps, backend, config)
+    if needs_grad:
         raise RuntimeError("bn2d: out= does not support automatic differentiation; call without out=")
     x, layout = _layout(input, backend)
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != x.stride():
@@ -195,6 +199,11 @@ def _config_list(backend: str, config) -> List[int]:
         raise TypeError(f"config for backend {backend!r} must be a {cls.__name__} or a dict of its fields, "
                         f"got {type(config).__name__}")
     return [int(v) for v in config]
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler.is_compiling() if hasattr(compiler, "is_compiling") else torch._dynamo.is_compiling()
 
 
 def _runs_kernels(x: Tensor, backend: str) -> bool:

@@ -26,7 +26,8 @@ def _seed():
 BACKENDS = ["cuda", "cuda_naive", "triton"] if HAS_GPU else ["triton"]
 
 # Relative L2 error bounds against the float64 reference.
-TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
+# float64: Triton passes eps as a float32 scalar, which alone moves the result by up to ~1e-10.
+TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-10}
 
 # (N, C, H, W): 1x1 and 7x7 planes, odd sizes, an empty batch, and planes that are and are not a whole
 # number of 16-byte vectors.
