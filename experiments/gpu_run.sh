@@ -1,24 +1,16 @@
 #!/usr/bin/env bash
-# On a GPU machine, in one go: the cold and warm build of the CUDA module, the whole test suite (GPU tests
-# included), and a benchmark. Full logs go to $OUT (default experiments/results/gpu); a short table prints last.
+# On a GPU machine, in one go: build and JIT costs (the CUDA module's cold build is then reused), the whole
+# test suite (GPU tests included), and a sweep. Full logs go to $OUT (default experiments/results/gpu); a short table prints last.
 #   bash experiments/gpu_run.sh [sweep arguments, default: --preset smoke]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-experiments/results/gpu}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TORCH_EXTENSIONS_DIR="$(mktemp -d)"  # a cold build, whatever the machine has cached
+export TORCH_EXTENSIONS_DIR="$(mktemp -d)"  # empty: the first build is cold, whatever the machine has cached
 
 python -m experiments.environment | tee "$out/environment.txt"
-python - <<'PY' 2>&1 | tee "$out/build.txt"
-import time
-t0 = time.perf_counter()
-from kernels import cuda_kernels
-cuda_kernels.build()
-t1 = time.perf_counter()
-cuda_kernels.build()
-print(f"cold build: {t1 - t0:.1f} s, warm load: {time.perf_counter() - t1:.2f} s")
-PY
+python -m experiments.build_cost --extensions-dir "$TORCH_EXTENSIONS_DIR" --out "$out/build_cost.csv" 2>&1 | tee "$out/build.txt"
 python -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 args=("$@")

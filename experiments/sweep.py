@@ -9,6 +9,7 @@ Rows already in --out are skipped, so an interrupted sweep resumes where it stop
 import argparse
 import csv
 import itertools
+import time
 from pathlib import Path
 
 import torch
@@ -48,9 +49,15 @@ def datasheet_gbps(gpu_name: str) -> float:
     return next((gbps for key, gbps in DATASHEET_GBPS if key in gpu_name), float("nan"))
 
 
-def time_ms(fn, graph: bool):
-    """(median, p20, p80) in ms: do_bench (L2 flushed before each call) or CUDA-graph replay."""
-    if graph:
+def time_ms(fn, timing: str):
+    """(median, p20, p80) in ms: do_bench (L2 flushed before each call), CUDA-graph replay, or, on a machine
+    without a GPU, one wall-clock call (a smoke test of the sweep, not a timing)."""
+    if timing == "cpu_wallclock":
+        start = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - start) * 1e3
+        return ms, ms, ms
+    if timing == "cudagraph":
         return triton.testing.do_bench_cudagraph(fn, rep=50, quantiles=[0.5, 0.2, 0.8])
     return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
 
@@ -70,16 +77,23 @@ def make_fn(backend, config, x, params):
     return lambda: batch_norm(x, *params, backend=backend, config=config)
 
 
+def parse_shape(text: str):
+    shape = tuple(int(v) for v in text.lower().split("x"))
+    if len(shape) != 4:
+        raise argparse.ArgumentTypeError(f"expected NxCxHxW, got {text!r}")
+    return shape
+
+
 def points(args):
     """(shape, dtype, layout, backend, config) in sweep order; configs other than the default only on grid shapes."""
-    shapes = PRESETS[args.preset]
+    shapes = args.shapes or PRESETS[args.preset]
     part, parts = map(int, args.part.split("/"))
     shapes = shapes[part - 1::parts]
     for shape, dtype, layout, backend in itertools.product(shapes, args.dtypes, args.layouts, args.backends):
         if backend == "cuda_naive" and layout != "nchw":
             continue
         configs = [None]
-        if args.grid and shape in PRESETS["smoke"]:
+        if args.grid and (shape in PRESETS["smoke"] or args.shapes):
             configs += {"cuda": CUDA_GRID, "triton": TRITON_GRID}.get(backend, [])
         for config in configs:
             yield shape, dtype, layout, backend, config
@@ -88,13 +102,16 @@ def points(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, help="NxCxHxW shapes instead of the preset's")
     parser.add_argument("--part", default="1/1", help="K/P: the K-th of P interleaved parts of the shapes")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=BACKENDS)
-    parser.add_argument("--grid", action="store_true", help="also sweep launch configs on the smoke shapes")
+    parser.add_argument("--grid", action="store_true",
+                        help="also sweep launch configs (on the smoke shapes, or on all of --shapes)")
     parser.add_argument("--repeats", type=int, default=1, help="independent timings of each point (error bars)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda", help="cpu: run through the Triton interpreter, untimed")
     args = parser.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 1024  # one compiled graph per shape, dtype and layout
 
@@ -114,15 +131,17 @@ def main(argv=None):
         copies = {}
         for shape, dtype_name, layout, backend, config in tqdm(todo, desc="sweep", mininterval=5):
             nbytes = bytes_moved(shape, DTYPES[dtype_name])
-            graph_modes = [False, True] if nbytes <= GRAPH_BYTES else [False]
+            if args.device == "cpu":
+                timings = ["cpu_wallclock"]
+            else:
+                timings = ["do_bench", "cudagraph"] if nbytes <= GRAPH_BYTES else ["do_bench"]
             config_str = "default" if config is None else repr(config)
-            x = torch.randn(shape, device="cuda").to(DTYPES[dtype_name]).contiguous(memory_format=LAYOUTS[layout])
-            params = (torch.randn(shape[1], device="cuda"), torch.rand(shape[1], device="cuda") + 0.5,
-                      torch.randn(shape[1], device="cuda"), torch.randn(shape[1], device="cuda"))
+            x = torch.randn(shape, device=args.device).to(DTYPES[dtype_name]).contiguous(memory_format=LAYOUTS[layout])
+            params = (torch.randn(shape[1], device=args.device), torch.rand(shape[1], device=args.device) + 0.5,
+                      torch.randn(shape[1], device=args.device), torch.randn(shape[1], device=args.device))
             fn = make_fn(backend, config, x, params)
             error = None
-            for graph, repeat in itertools.product(graph_modes, range(args.repeats)):
-                timing = "cudagraph" if graph else "do_bench"
+            for timing, repeat in itertools.product(timings, range(args.repeats)):
                 row = dict(mode="eval", n=shape[0], c=shape[1], h=shape[2], w=shape[3], dtype=dtype_name,
                            layout=layout, backend=backend, config=config_str, timing=timing, repeat=repeat)
                 if tuple(str(row[k]) for k in KEY) in done:
@@ -132,8 +151,8 @@ def main(argv=None):
                 copy_key = (shape, dtype_name, layout, timing, repeat)
                 if copy_key not in copies:
                     y = torch.empty_like(x)
-                    copies[copy_key] = time_ms(lambda: y.copy_(x), graph)[0]
-                median, p20, p80 = time_ms(fn, graph)
+                    copies[copy_key] = time_ms(lambda: y.copy_(x), timing)[0]
+                median, p20, p80 = time_ms(fn, timing)
                 copy_ms = copies[copy_key]
                 row.update(median_ms=median, p20_ms=p20, p80_ms=p80, bytes=nbytes, gbps=nbytes / median / 1e6,
                            copy_ms=copy_ms, copy_gbps=nbytes / copy_ms / 1e6, pct_of_copy=100 * copy_ms / median,
@@ -149,7 +168,7 @@ def summary(path: Path):
     import pandas as pd
 
     df = pd.read_csv(path)
-    df = df[(df.config == "default") & (df.timing == "do_bench")]
+    df = df[(df.config == "default") & (df.timing != "cudagraph")]
     df["shape"] = df.n.astype(str) + "x" + df.c.astype(str) + "x" + df.h.astype(str) + "x" + df.w.astype(str)
     table = df.pivot_table(index=["shape", "dtype", "layout"], columns="backend", values="pct_of_copy", aggfunc="median")
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.0f}".format):

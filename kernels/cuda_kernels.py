@@ -16,7 +16,6 @@ import sys
 from typing import NamedTuple
 
 import torch
-from torch.utils import cpp_extension
 
 CUDA_SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -344,6 +343,8 @@ def arch_flags() -> list:
 
 def build(verbose: bool = False):
     """Compile (or load from PyTorch's extension cache) the CUDA module and return it."""
+    from torch.utils import cpp_extension  # imported here: it looks for a CUDA toolkit as it loads
+
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("bn2d: the CUDA backend needs a CUDA compiler; set CUDA_HOME to a CUDA toolkit")
     kwargs = {}

@@ -1,0 +1,173 @@
+"""Every figure of the study, from the committed CSV only (no GPU needed).
+
+    python -m experiments.plot                      # the committed results -> figures/
+    python -m experiments.plot --sweep a.csv --build b.csv --out /tmp/figs
+"""
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIGURES = Path(__file__).resolve().parents[1] / "figures"
+OURS = ["cuda", "triton"]
+BASELINES = ["torch", "torch_compile"]
+COLORS = {"cuda": "C0", "cuda_naive": "C7", "triton": "C1", "torch": "C2", "torch_nocudnn": "C4",
+          "torch_compile": "C3", "copy": "black"}
+# Datasheet float32 (non-tensor-core) peak, TFLOP/s, for the roofline's compute roof.
+FP32_TFLOPS = [("A100", 19.5), ("H100 PCIe", 51.2), ("H100", 66.9), ("H200", 66.9)]
+
+
+def load_sweep(paths) -> pd.DataFrame:
+    df = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    df["shape"] = df.n.astype(str) + "x" + df.c.astype(str) + "x" + df.h.astype(str) + "x" + df.w.astype(str)
+    df["numel"] = df.n * df.c * df.h * df.w
+    return df
+
+
+def defaults(df, timing="do_bench"):
+    """One row per (shape, dtype, layout, backend): the median over repeats of the default config."""
+    d = df[(df.config == "default") & (df.timing == timing)]
+    keys = ["shape", "numel", "dtype", "layout", "backend"]
+    return d.groupby(keys, as_index=False)[["median_ms", "copy_ms", "bytes", "gbps", "copy_gbps", "pct_of_copy",
+                                            "datasheet_gbps"]].median()
+
+
+def panels(df, title):
+    """A dtype x layout grid of axes."""
+    dtypes, layouts = sorted(df.dtype.unique()), sorted(df.layout.unique())
+    fig, axes = plt.subplots(len(dtypes), len(layouts), figsize=(6 * len(layouts), 3.6 * len(dtypes)),
+                             squeeze=False, sharex=True)
+    fig.suptitle(title)
+    for i, dtype in enumerate(dtypes):
+        for j, layout in enumerate(layouts):
+            yield axes[i, j], dtype, layout, df[(df.dtype == dtype) & (df.layout == layout)]
+    fig.tight_layout()
+
+
+def bandwidth(df, out):
+    d = defaults(df)
+    gen = panels(d, "Achieved bandwidth vs bytes moved (do_bench, L2 flushed)")
+    for ax, dtype, layout, part in gen:
+        for backend, g in part.groupby("backend"):
+            g = g.sort_values("bytes")
+            ax.plot(g.bytes, g.gbps, "o-", ms=3, lw=1, label=backend, color=COLORS.get(backend))
+        copy = part.drop_duplicates("shape").sort_values("bytes")
+        ax.plot(copy.bytes, copy.copy_gbps, "k--", lw=1.5, label="copy (same bytes)")
+        ax.axhline(part.datasheet_gbps.max(), color="grey", ls=":", label="datasheet")
+        ax.set(xscale="log", title=f"{dtype}, {layout}", xlabel="bytes moved", ylabel="GB/s")
+    ax.legend(fontsize=7)
+    save(out, "bandwidth.png")
+
+
+def roofline(df, out):
+    d = defaults(df)
+    gpu = df.gpu_name.iloc[0]
+    peak_flops = next((t for k, t in FP32_TFLOPS if k in gpu), np.nan) * 1e12
+    d["flops"] = 2.0 * d.numel  # one multiply-add per element
+    d["intensity"] = d.flops / d.bytes
+    d["achieved"] = d.flops / (d.median_ms * 1e-3)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ai = np.logspace(-2, 3, 200)
+    copy_bw = d.copy_gbps.max() * 1e9
+    ax.plot(ai, np.minimum(ai * copy_bw, peak_flops), "k-", label=f"roof: best copy {copy_bw / 1e9:.0f} GB/s, "
+                                                                   f"fp32 {peak_flops / 1e12:.0f} TFLOP/s")
+    ax.plot(ai, np.minimum(ai * d.datasheet_gbps.max() * 1e9, peak_flops), "k:", label="roof: datasheet bandwidth")
+    for backend, g in d.groupby("backend"):
+        ax.scatter(g.intensity, g.achieved, s=10, alpha=0.6, label=backend, color=COLORS.get(backend))
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte)", ylabel="FLOP/s",
+           title=f"Roofline, eval BatchNorm2d on {gpu}")
+    ax.legend(fontsize=7)
+    save(out, "roofline.png")
+
+
+def heatmaps(df, out):
+    grid = df[(df.config != "default") & (df.timing == "do_bench")]
+    for backend, g in grid.groupby("backend"):
+        g = g.assign(point=g["shape"] + " " + g.dtype + " " + g.layout)
+        table = g.pivot_table(index="config", columns="point", values="pct_of_copy", aggfunc="median")
+        fig, ax = plt.subplots(figsize=(1 + 0.45 * table.shape[1], 1.5 + 0.3 * table.shape[0]))
+        im = ax.imshow(table.values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        ax.set_xticks(range(table.shape[1]), table.columns, rotation=90, fontsize=7)
+        ax.set_yticks(range(table.shape[0]), table.index, fontsize=7)
+        for (i, j), v in np.ndenumerate(table.values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 60 else "k")
+        fig.colorbar(im, ax=ax, label="% of copy")
+        ax.set_title(f"{backend}: launch configs, % of copy bandwidth")
+        save(out, f"heatmap_{backend}.png")
+
+
+def ratios(df, out, name, numerators, denominators, title):
+    """Bars of time(denominator) / time(numerator) per shape: > 1 means the numerator is faster."""
+    d = defaults(df)
+    t = d.pivot_table(index=["shape", "numel", "dtype", "layout"], columns="backend", values="median_ms").reset_index()
+    t = t.sort_values("numel")
+    gen = panels(t, title)
+    for ax, dtype, layout, part in gen:
+        x = np.arange(len(part))
+        pairs = [(a, b) for a in numerators for b in denominators if a in part and b in part]
+        for k, (a, b) in enumerate(pairs):
+            ax.bar(x + k / (len(pairs) + 1), part[b] / part[a], width=1 / (len(pairs) + 1), label=f"{b} / {a}")
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_xticks(x, part["shape"], rotation=90, fontsize=6)
+        ax.set(title=f"{dtype}, {layout}", ylabel="time ratio")
+    ax.legend(fontsize=7)
+    save(out, name)
+
+
+def small_shape_latency(df, out):
+    d = defaults(df, timing="cudagraph")
+    gen = panels(d, "Device time per call by CUDA-graph replay (small shapes)")
+    for ax, dtype, layout, part in gen:
+        for backend, g in part.groupby("backend"):
+            g = g.sort_values("bytes")
+            ax.plot(g.bytes, g.median_ms * 1e3, "o-", ms=3, lw=1, label=backend, color=COLORS.get(backend))
+        copy = part.drop_duplicates("shape").sort_values("bytes")
+        ax.plot(copy.bytes, copy.copy_ms * 1e3, "k--", label="copy (same bytes)")
+        ax.set(xscale="log", yscale="log", title=f"{dtype}, {layout}", xlabel="bytes moved", ylabel="µs")
+    ax.legend(fontsize=7)
+    save(out, "small_shape_latency.png")
+
+
+def build_times(path, out):
+    df = pd.read_csv(path)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    labels = df.backend + ": " + df.step
+    ax.barh(labels, df.seconds, color=[COLORS[b] for b in df.backend])
+    for y, s in enumerate(df.seconds):
+        ax.text(s, y, f" {s:.2f} s", va="center", fontsize=8)
+    ax.set(xscale="log", xlabel="seconds", title=f"Build and JIT cost ({df.gpu_name.iloc[0]}, {df.cpu_count.iloc[0]} CPUs)")
+    save(out, "build_times.png")
+
+
+def save(out: Path, name: str):
+    plt.savefig(out / name, dpi=120, bbox_inches="tight")
+    plt.close("all")
+    print(out / name)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", nargs="+", type=Path, default=sorted(RESULTS.glob("eval_*.csv")))
+    parser.add_argument("--build", type=Path, default=RESULTS / "build_cost_h100.csv")
+    parser.add_argument("--out", type=Path, default=FIGURES)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    df = load_sweep(args.sweep)
+    bandwidth(df, args.out)
+    roofline(df, args.out)
+    heatmaps(df, args.out)
+    ratios(df, args.out, "cuda_vs_triton.png", ["cuda"], ["triton"], "Triton time / CUDA time (> 1: CUDA faster)")
+    ratios(df, args.out, "speedup.png", OURS, BASELINES, "Speed-up over PyTorch eager and torch.compile")
+    small_shape_latency(df, args.out)
+    build_times(args.build, args.out)
+
+
+if __name__ == "__main__":
+    main()

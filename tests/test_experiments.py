@@ -1,0 +1,54 @@
+"""The experiment pipeline without a GPU: shapes, the sweep's CSV (through the Triton interpreter, untimed),
+and every figure from a small committed CSV."""
+import csv
+from pathlib import Path
+
+import pytest
+
+from experiments import plot, sweep
+from experiments.environment import capture
+from experiments.shapes import PRESETS, resnet50_bn_shapes
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_resnet50_shapes_are_derived_from_the_architecture():
+    shapes = resnet50_bn_shapes(32)
+    assert shapes[0] == (32, 64, 112, 112) and shapes[-1] == (32, 2048, 7, 7)
+    assert len(shapes) == len(set(shapes)) == 12
+    assert {(c, h) for _, c, h, _ in shapes} >= {(256, 56), (512, 28), (1024, 14), (2048, 7)}
+    assert all(s in PRESETS["full"] for b in (1, 32, 256) for s in resnet50_bn_shapes(b))
+
+
+def test_environment_capture_has_every_field():
+    env = capture()
+    assert set(env) <= set(sweep.COLUMNS) | {"max_sm_clock_mhz", "max_mem_clock_mhz"}
+    assert env["torch"] and env["triton"] and env["commit"] and env["timestamp"]
+
+
+def test_sweep_cli_rejects_bad_shapes():
+    with pytest.raises(SystemExit):
+        sweep.main(["--shapes", "2x3x4", "--out", "unused.csv"])
+
+
+def test_sweep_writes_the_schema_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep.csv"
+    argv = ["--device", "cpu", "--shapes", "2x8x7x7", "--backends", "triton", "torch", "--dtypes", "float32",
+            "bfloat16", "--grid", "--out", str(out)]
+    sweep.main(argv)
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == sweep.COLUMNS
+    assert {r["timing"] for r in rows} == {"cpu_wallclock"}  # marked: not a timing
+    assert {r["backend"] for r in rows} == {"triton", "torch"}
+    assert len({r["config"] for r in rows if r["backend"] == "triton"}) == 1 + len(sweep.TRITON_GRID)
+    assert max(float(r["rel_error"]) for r in rows if r["dtype"] == "float32") < 1e-6
+    sweep.main(argv)  # resumes: nothing left to do
+    assert len(list(csv.DictReader(out.open()))) == len(rows)
+
+
+def test_every_figure_from_the_fixture(tmp_path):
+    plot.main(["--sweep", str(DATA / "sweep_fixture.csv"), "--build", str(DATA / "build_cost_fixture.csv"),
+               "--out", str(tmp_path)])
+    made = {p.name for p in tmp_path.glob("*.png")}
+    assert made == {"bandwidth.png", "roofline.png", "heatmap_cuda.png", "heatmap_triton.png", "cuda_vs_triton.png",
+                    "speedup.png", "small_shape_latency.png", "build_times.png"}
