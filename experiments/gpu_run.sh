@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine, in one go: build and JIT costs (the CUDA module's cold build is then reused), the whole
-# test suite (GPU tests included), and a sweep. Full logs go to $OUT (default experiments/results/gpu); a short table prints last.
+# test suite (GPU tests included), a sweep, and its figures (PLOT=0 skips them). Everything goes to $OUT
+# (default experiments/results/gpu); a short table prints last. Rerunning with the same $OUT resumes the sweep.
 #   bash experiments/gpu_run.sh [sweep arguments, default: --preset smoke]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(--preset smoke)
 python -m experiments.sweep "${args[@]}" --out "$out/sweep.csv" > "$out/sweep.log" 2>&1
 sweep=$?
+if [ "${PLOT:-1}" = 1 ]; then
+  python -m experiments.plot --sweep "$out/sweep.csv" --build "$out/build_cost.csv" --out "$out/figures" > "$out/plot.log" 2>&1
+fi
 echo "== $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$out/gpu-tests.log" | tail -1)"
 cat "$out/build.txt"
 grep -A200 "% of copy" "$out/sweep.log" || tail -30 "$out/sweep.log"

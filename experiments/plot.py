@@ -34,8 +34,8 @@ def defaults(df, timing="do_bench"):
     """One row per (shape, dtype, layout, backend): the median over repeats of the default config."""
     d = df[(df.config == "default") & (df.timing == timing)]
     keys = ["shape", "numel", "dtype", "layout", "backend"]
-    return d.groupby(keys, as_index=False)[["median_ms", "copy_ms", "bytes", "gbps", "copy_gbps", "pct_of_copy",
-                                            "datasheet_gbps"]].median()
+    return d.groupby(keys, as_index=False)[["median_ms", "p20_ms", "p80_ms", "copy_ms", "bytes", "gbps", "copy_gbps",
+                                            "pct_of_copy", "datasheet_gbps"]].median()
 
 
 def panels(df, title):
@@ -52,11 +52,14 @@ def panels(df, title):
 
 def bandwidth(df, out):
     d = defaults(df)
-    gen = panels(d, "Achieved bandwidth vs bytes moved (do_bench, L2 flushed)")
+    gen = panels(d, "Achieved bandwidth vs bytes moved (do_bench, L2 flushed; bars: p20-p80 of the timings)")
     for ax, dtype, layout, part in gen:
         for backend, g in part.groupby("backend"):
             g = g.sort_values("bytes")
-            ax.plot(g.bytes, g.gbps, "o-", ms=3, lw=1, label=backend, color=COLORS.get(backend))
+            low, high = g.bytes / g.p80_ms / 1e6, g.bytes / g.p20_ms / 1e6
+            yerr = [(g.gbps - low).clip(lower=0), (high - g.gbps).clip(lower=0)]  # medians of runs may cross
+            ax.errorbar(g.bytes, g.gbps, yerr=yerr, fmt="o-", ms=3, lw=1, capsize=2,
+                        label=backend, color=COLORS.get(backend))
         copy = part.drop_duplicates("shape").sort_values("bytes")
         ax.plot(copy.bytes, copy.copy_gbps, "k--", lw=1.5, label="copy (same bytes)")
         ax.axhline(part.datasheet_gbps.max(), color="grey", ls=":", label="datasheet")
