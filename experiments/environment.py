@@ -32,17 +32,30 @@ def _nvidia_smi(query: str) -> str:
     return out.splitlines()[0] if out else ""
 
 
+def clocks() -> dict:
+    """The SM and memory clocks of GPU 0 now, in MHz (empty strings without an NVIDIA GPU). Read through NVML
+    where pynvml is installed (microseconds), else through nvidia-smi."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        sm, mem = (pynvml.nvmlDeviceGetClockInfo(handle, kind) for kind in (pynvml.NVML_CLOCK_SM, pynvml.NVML_CLOCK_MEM))
+    except Exception:  # no pynvml, or no NVIDIA driver behind it
+        sm, _, mem = _nvidia_smi("clocks.sm,clocks.mem").partition(", ")
+    return {"sm_clock_mhz": str(sm), "mem_clock_mhz": str(mem)}
+
+
 def capture() -> dict:
-    """GPU, driver, clocks, library versions, commit and time, as flat strings."""
+    """GPU, driver, clocks (now and the maxima), library versions, commit and time, as flat strings."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    clocks = _nvidia_smi("clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem").split(", ")
+    max_sm, _, max_mem = _nvidia_smi("clocks.max.sm,clocks.max.mem").partition(", ")
     return {
         "gpu_name": gpu,
         "driver": _nvidia_smi("driver_version"),
-        "sm_clock_mhz": clocks[0] if len(clocks) == 4 else "",
-        "mem_clock_mhz": clocks[1] if len(clocks) == 4 else "",
-        "max_sm_clock_mhz": clocks[2] if len(clocks) == 4 else "",
-        "max_mem_clock_mhz": clocks[3] if len(clocks) == 4 else "",
+        **clocks(),
+        "max_sm_clock_mhz": max_sm,
+        "max_mem_clock_mhz": max_mem,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda or "",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 from tqdm import tqdm
 
-from experiments.environment import capture
+from experiments.environment import capture, clocks
 from experiments.shapes import PRESETS
 from kernels import CudaConfig, TritonConfig, batch_norm, bytes_moved
 from kernels.reference import batch_norm_error
@@ -154,9 +154,10 @@ def main(argv=None):
                     copies[copy_key] = time_ms(lambda: y.copy_(x), timing)[0]
                 median, p20, p80 = time_ms(fn, timing)
                 copy_ms = copies[copy_key]
+                row.update(env)
                 row.update(median_ms=median, p20_ms=p20, p80_ms=p80, bytes=nbytes, gbps=nbytes / median / 1e6,
                            copy_ms=copy_ms, copy_gbps=nbytes / copy_ms / 1e6, pct_of_copy=100 * copy_ms / median,
-                           datasheet_gbps=peak, rel_error=error, **env)
+                           datasheet_gbps=peak, rel_error=error, **clocks())  # the clocks just after the timing
                 writer.writerow(row)
                 f.flush()
             del x, fn
