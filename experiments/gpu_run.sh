@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On a GPU machine, in one go: build and JIT costs (the CUDA module's cold build is then reused), the whole
-# test suite (GPU tests included), a sweep, and its figures (PLOT=0 skips them). Everything goes to $OUT
-# (default experiments/results/gpu); a short table prints last. Rerunning with the same $OUT resumes the sweep.
+# On a GPU machine, in one go: build and JIT costs (the CUDA module's cold build is then reused), host
+# overhead per call, the whole test suite (GPU tests included), a sweep, and its figures (PLOT=0 skips them).
+# Everything goes to $OUT (default experiments/results/gpu; with PLOT=0, seven files); a short table prints
+# last. Rerunning with the same $OUT resumes the sweep.
 #   bash experiments/gpu_run.sh [sweep arguments, default: --preset smoke]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,7 @@ export TORCH_EXTENSIONS_DIR="$(mktemp -d)"  # empty: the first build is cold, wh
 
 python -m experiments.environment | tee "$out/environment.txt"
 python -m experiments.build_cost --extensions-dir "$TORCH_EXTENSIONS_DIR" --out "$out/build_cost.csv" 2>&1 | tee "$out/build.txt"
+python -m experiments.host_overhead --out "$out/host_overhead.csv"
 python -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 args=("$@")

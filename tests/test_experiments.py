@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import plot, sweep
+from experiments import host_overhead, plot, sweep
 from experiments.environment import capture
 from experiments.shapes import PRESETS, resnet50_bn_shapes
 
@@ -53,3 +53,12 @@ def test_every_figure_from_the_fixture(tmp_path):
     tuned = {row["backend"] for row in csv.DictReader((DATA / "sweep_fixture.csv").open()) if row["config"] != "default"}
     assert made == {"bandwidth.png", "roofline.png", "cuda_vs_triton.png", "speedup.png", "small_shape_latency.png",
                     "build_times.png"} | {f"heatmap_{backend}.png" for backend in tuned}
+
+
+def test_host_overhead_writes_one_row_per_call(tmp_path):
+    out = tmp_path / "host.csv"
+    host_overhead.main(["--device", "cpu", "--backends", "triton", "--shape", "1x4x3x3", "--calls", "2",
+                        "--repeats", "2", "--out", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert [r["call"] for r in rows] == ["clone", "F.batch_norm", "nn.BatchNorm2d", "BatchNorm2d", "batch_norm(out=)"]
+    assert float(rows[0]["ratio_to_clone"]) == 1.0 and all(float(r["us_per_call"]) > 0 for r in rows)

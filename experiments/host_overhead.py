@@ -1,0 +1,79 @@
+"""Host overhead of one eager call: back-to-back calls on a small tensor (1x64x56x56), wall clock per call,
+against a bare ``x.clone()`` (the floor for any op that allocates its output). On a small tensor the GPU
+finishes each kernel before the host has launched the next, so the time per call is the host's.
+
+    python -m experiments.host_overhead --out experiments/results/host_overhead.csv
+"""
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from experiments.environment import capture
+from kernels import BatchNorm2d, batch_norm
+
+
+def cases(x, backends):
+    """(name, backend, callable) for every call measured."""
+    c = x.size(1)
+    stats = torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
+    reference = torch.nn.BatchNorm2d(c).to(x.device).eval()
+    yield "clone", "torch", x.clone
+    yield "F.batch_norm", "torch", lambda: F.batch_norm(x, *stats)
+    yield "nn.BatchNorm2d", "torch", lambda: reference(x)
+    for backend in backends:
+        module = BatchNorm2d(c, backend=backend).to(x.device).eval()
+        out = torch.empty_like(x)
+        yield "BatchNorm2d", backend, lambda module=module: module(x)
+        yield "batch_norm(out=)", backend, lambda backend=backend, out=out: batch_norm(x, *stats, backend=backend, out=out)
+
+
+def per_call_us(fn, calls: int, repeats: int, sync):
+    """Median, p20 and p80 over repeats of the mean wall-clock time per call, in microseconds."""
+    for _ in range(calls):  # warm-up: builds, JIT, allocator
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    q = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
+    return statistics.median(samples), q[0], q[3]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1x64x56x56")
+    parser.add_argument("--backends", nargs="+", default=["cuda", "triton"])
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    x = torch.randn(*map(int, args.shape.split("x")), device=args.device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    env = capture()
+    rows = []
+    with torch.inference_mode():
+        for name, backend, fn in cases(x, args.backends):
+            median, p20, p80 = per_call_us(fn, args.calls, args.repeats, sync)
+            rows.append(dict(call=name, backend=backend, shape=args.shape, us_per_call=median, p20_us=p20, p80_us=p80))
+    floor = rows[0]["us_per_call"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, [*rows[0], "ratio_to_clone", *env])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(dict(row, ratio_to_clone=row["us_per_call"] / floor, **env))
+            print(f"{row['call']:18s} {row['backend']:7s} {row['us_per_call']:8.1f} us  {row['us_per_call'] / floor:5.2f}x clone")
+
+
+if __name__ == "__main__":
+    main()
