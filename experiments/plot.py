@@ -4,6 +4,7 @@
     python -m experiments.plot --sweep a.csv --build b.csv --out /tmp/figs
 """
 import argparse
+import re
 from pathlib import Path
 
 import matplotlib
@@ -94,6 +95,7 @@ def heatmaps(df, out):
     for backend, g in grid.groupby("backend"):
         g = g.assign(point=g["shape"] + " " + g.dtype + " " + g.layout)
         table = g.pivot_table(index="config", columns="point", values="pct_of_copy", aggfunc="median")
+        table = table.loc[sorted(table.index, key=natural_key)]
         fig, ax = plt.subplots(figsize=(1 + 0.45 * table.shape[1], 1.5 + 0.3 * table.shape[0]))
         im = ax.imshow(table.values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
         ax.set_xticks(range(table.shape[1]), table.columns, rotation=90, fontsize=7)
@@ -104,6 +106,11 @@ def heatmaps(df, out):
         fig.colorbar(im, ax=ax, label="% of copy")
         ax.set_title(f"{backend}: launch configs, % of copy bandwidth")
         save(out, f"heatmap_{backend}.png")
+
+
+def natural_key(text: str):
+    """Sort key that orders the numbers inside a string by value (block_r=2 before block_r=16)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def ratios(df, out, name, numerators, denominators, title):
