@@ -136,23 +136,23 @@ def main(argv=None):
             else:
                 timings = ["do_bench", "cudagraph"] if nbytes <= GRAPH_BYTES else ["do_bench"]
             config_str = "default" if config is None else repr(config)
+            rows = [dict(mode="eval", n=shape[0], c=shape[1], h=shape[2], w=shape[3], dtype=dtype_name,
+                         layout=layout, backend=backend, config=config_str, timing=timing, repeat=repeat)
+                    for timing, repeat in itertools.product(timings, range(args.repeats))]
+            rows = [row for row in rows if tuple(str(row[k]) for k in KEY) not in done]
+            if not rows:  # resumed: measured already
+                continue
             x = torch.randn(shape, device=args.device).to(DTYPES[dtype_name]).contiguous(memory_format=LAYOUTS[layout])
             params = (torch.randn(shape[1], device=args.device), torch.rand(shape[1], device=args.device) + 0.5,
                       torch.randn(shape[1], device=args.device), torch.randn(shape[1], device=args.device))
             fn = make_fn(backend, config, x, params)
-            error = None
-            for timing, repeat in itertools.product(timings, range(args.repeats)):
-                row = dict(mode="eval", n=shape[0], c=shape[1], h=shape[2], w=shape[3], dtype=dtype_name,
-                           layout=layout, backend=backend, config=config_str, timing=timing, repeat=repeat)
-                if tuple(str(row[k]) for k in KEY) in done:
-                    continue
-                if error is None:
-                    error = batch_norm_error(fn(), x, *params)
-                copy_key = (shape, dtype_name, layout, timing, repeat)
+            error = batch_norm_error(fn(), x, *params)
+            for row in rows:
+                copy_key = (shape, dtype_name, layout, row["timing"], row["repeat"])
                 if copy_key not in copies:
                     y = torch.empty_like(x)
-                    copies[copy_key] = time_ms(lambda: y.copy_(x), timing)[0]
-                median, p20, p80 = time_ms(fn, timing)
+                    copies[copy_key] = time_ms(lambda: y.copy_(x), row["timing"])[0]
+                median, p20, p80 = time_ms(fn, row["timing"])
                 copy_ms = copies[copy_key]
                 row.update(env)
                 row.update(median_ms=median, p20_ms=p20, p80_ms=p80, bytes=nbytes, gbps=nbytes / median / 1e6,
@@ -168,9 +168,10 @@ def summary(path: Path):
     """Print % of copy (median over repeats) per shape for the default configs, one column per backend."""
     import pandas as pd
 
-    df = pd.read_csv(path)
+    from experiments.plot import load_sweep
+
+    df = load_sweep([path])
     df = df[(df.config == "default") & (df.timing != "cudagraph")]
-    df["shape"] = df.n.astype(str) + "x" + df.c.astype(str) + "x" + df.h.astype(str) + "x" + df.w.astype(str)
     table = df.pivot_table(index=["shape", "dtype", "layout"], columns="backend", values="pct_of_copy", aggfunc="median")
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.0f}".format):
         print(f"% of copy bandwidth ({path}):")

@@ -32,7 +32,7 @@ def test_runs_on_the_current_stream(backend):
     x = torch.randn(8, 16, 32, 32, device="cuda")
     fresh = torch.randn_like(x)
     params = make_params(16)
-    batch_norm(x, *params, backend=backend)  # compile and load outside the timed region
+    batch_norm(x, *params, backend=backend)  # build and JIT before the stream is held back
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
