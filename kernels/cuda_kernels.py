@@ -1,13 +1,16 @@
 """The CUDA backend: every CUDA kernel of the project in one `load_inline` module.
 
-The source below is the whole CUDA implementation. It is compiled once, on first use, into PyTorch's
-extension cache; later processes load the cached library. Three kernels:
+The sources below are the whole CUDA implementation, compiled once, on first use, into PyTorch's extension
+cache. ``CUDA_SOURCE`` holds the kernels and their launchers and includes no ATen header, so nvcc compiles it
+quickly; ``CPP_SOURCE`` holds the tensor-facing side (checks, dtype dispatch, the current stream). Kernels:
 
-* ``nchw_kernel`` -- contiguous NCHW. A flat grid-stride loop over 16-byte vectors of the whole tensor,
-  so a 7x7 or 1x1 plane costs no idle block. The channel of a vector is found with one division; inside a
-  vector the channel advances when the plane ends, so any plane size keeps full-width accesses.
-* ``channels_last_kernel`` -- NHWC (and NCHW with 1x1 planes, which is the same memory). A thread owns
-  a fixed vector of channels, computes their scale and shift once, and walks down the rows.
+* ``nchw_kernel`` -- contiguous NCHW as a flat array cut into tiles of ``threads x UNROLL`` 16-byte vectors.
+  The scale and shift of the planes a tile touches are computed once per tile, into shared memory, while
+  the tile's loads are in flight. A vector that straddles two planes (7x7 or 14x14 planes in 16-bit types)
+  walks into the next plane, so every plane size keeps full-width accesses and no block idles on a 7x7 plane.
+* ``channels_last_kernel`` -- NHWC (and NCHW with 1x1 planes, the same memory). A block owns a range of
+  channels, computes their scale and shift once into shared memory, and its threads walk down the rows with
+  their channels' pairs in registers.
 * ``naive_kernel`` -- the study's starting point: one thread per element, 256 threads, a flat 32-bit
   index and ``(x - mean) / sqrt(var + eps)`` per element.
 """
@@ -17,24 +20,17 @@ from typing import NamedTuple
 
 import torch
 
-CUDA_SOURCE = r"""
-#include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+# Declarations both sources share: the per-channel parameters and one launch's arguments.
+COMMON = r"""
+#include <cstdint>
+#include <cuda_runtime_api.h>
 
-namespace {
+namespace bn2d {
 
-// Every vector path loads and stores 16 bytes per thread per access; several accesses are in flight
-// per thread before the first use (UNROLL) so that a warp keeps enough bytes outstanding.
-constexpr int VEC_BYTES = 16;
-constexpr int UNROLL = 4;
+enum class DType : int { Float, Half, BFloat16, Double };
 
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
-
-// Per-channel parameters. Each pair (mean, var) and (weight, bias) is float32 or the input's own dtype;
-// weight and bias may be absent (affine=False).
+// Per-channel tensors: each pair (mean, var) and (weight, bias) is float32 or the input's dtype; weight and
+// bias may be absent (affine=False).
 struct Params {
   const void* weight;
   const void* bias;
@@ -45,11 +41,55 @@ struct Params {
   double eps;
 };
 
+struct Launch {
+  DType dtype;
+  const void* x;
+  void* y;
+  Params params;
+  int64_t numel, channels, plane;  // plane = H * W
+  int threads;
+  bool vectorized;
+  int64_t max_blocks;  // 0: one pass over the tensor
+  cudaStream_t stream;
+};
+
+cudaError_t launch_nchw(const Launch& l);
+cudaError_t launch_channels_last(const Launch& l);
+cudaError_t launch_naive(const Launch& l);
+
+}  // namespace bn2d
+"""
+
+CUDA_SOURCE = COMMON + r"""
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace bn2d {
+namespace {
+
+// Each vector access moves 16 bytes; every thread has UNROLL of them in flight before the first use.
+constexpr int VEC_BYTES = 16;
+constexpr int UNROLL = 4;
+// channels_last: at most a warp along a row (32 vectors = 512 contiguous bytes); the rest of a block takes
+// more rows, so a block's channel range (and its shared-memory table) stays small.
+constexpr int MAX_ROW_THREADS = 32;
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void from_acc(float v, float& out) { out = v; }
+__device__ __forceinline__ void from_acc(double v, double& out) { out = v; }
+__device__ __forceinline__ void from_acc(float v, __half& out) { out = __float2half_rn(v); }
+__device__ __forceinline__ void from_acc(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
+
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t load_param(const void* p, bool fp32, int64_t c, acc_t absent) {
   if (p == nullptr) return absent;
-  return fp32 ? static_cast<acc_t>(static_cast<const float*>(p)[c])
-              : static_cast<acc_t>(static_cast<const scalar_t*>(p)[c]);
+  return fp32 ? acc_t(static_cast<const float*>(p)[c]) : acc_t(to_acc(static_cast<const scalar_t*>(p)[c]));
 }
 
 template <typename acc_t> struct Affine { acc_t scale, shift; };
@@ -65,84 +105,143 @@ __device__ __forceinline__ Affine<acc_t> channel_affine(const Params& p, int64_t
   return {scale, bias - mean * scale};
 }
 
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t apply(scalar_t v, const Affine<acc_t>& a) {
+  scalar_t out;
+  from_acc(to_acc(v) * a.scale + a.shift, out);
+  return out;
+}
+
 template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) Vec { scalar_t v[VEC]; };
 
-// Contiguous NCHW viewed as a flat array of `numel` elements with planes of `plane` = H*W elements.
-// index_t is 32-bit when the tensor allows it: the one division per vector is then cheap.
-template <typename scalar_t, int VEC, typename index_t>
+// n / d for n, d < 2^31 by a multiply-high and a shift (PyTorch's IntDivider): a 32-bit division by a
+// run-time divisor costs about twenty instructions, this three.
+struct FastDiv {
+  uint32_t magic, shift;
+  __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
+};
+
+FastDiv make_fast_div(uint32_t d) {
+  uint32_t shift = 0;
+  while ((uint64_t(1) << shift) < d) ++shift;
+  return {uint32_t((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d) / d + 1), shift};
+}
+
+// Shared memory for the per-channel tables, aligned for any Affine<acc_t>.
+extern __shared__ __align__(16) unsigned char shared_table[];
+
+// Contiguous NCHW as a flat array of `numel` elements, planes of `plane` elements, in tiles of
+// blockDim.x * UNROLL * VEC elements. WHOLE: `plane` is a whole number of vectors, so no vector straddles
+// two planes. A tile spans at most two planes when planes are at least a tile long; shorter planes need a
+// division per vector (tile-relative positions then fit in 32 bits).
+template <typename scalar_t, int VEC, bool WHOLE>
 __global__ void nchw_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
-                            index_t numel, index_t plane, index_t channels) {
-  using acc_t = typename AccType<scalar_t>::type;
+                            int64_t numel, int64_t plane, FastDiv plane_div, int64_t channels) {
+  using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
-  const index_t nvec = numel / VEC;
-  const index_t stride = index_t(gridDim.x) * blockDim.x * UNROLL;
-  for (index_t base = index_t(blockIdx.x) * blockDim.x * UNROLL + threadIdx.x; base < nvec; base += stride) {
+  Affine<acc_t>* table = reinterpret_cast<Affine<acc_t>*>(shared_table);
+  const int tile = blockDim.x * UNROLL * VEC;
+  const bool short_planes = plane < tile;
+  const bool narrow = numel < (int64_t(1) << 31);
+  for (int64_t start = int64_t(blockIdx.x) * tile; start < numel; start += int64_t(gridDim.x) * tile) {
+    const int count = int(min(int64_t(tile), numel - start));
     vec_t in[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const index_t i = base + index_t(u) * blockDim.x;
-      if (i < nvec) in[u] = reinterpret_cast<const vec_t*>(x)[i];
+      const int e = (threadIdx.x + u * blockDim.x) * VEC;
+      if (e + VEC <= count) {
+        in[u] = *reinterpret_cast<const vec_t*>(x + start + e);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          if (e + j < count) in[u].v[j] = x[start + e + j];
+      }
     }
+    // The tile's planes: plane0 .. plane0 + planes - 1, the first entered at position pos0.
+    const int64_t plane0 = narrow ? int64_t(plane_div(uint32_t(start))) : start / plane;
+    const int64_t pos0 = start - plane0 * plane;
+    const int64_t last = pos0 + count - 1;
+    const int planes = short_planes ? int(plane_div(uint32_t(last))) + 1 : 1 + int(last >= plane);
+    for (int k = threadIdx.x; k < planes; k += blockDim.x)
+      table[k] = channel_affine<scalar_t, acc_t>(p, (plane0 + k) % channels);
+    __syncthreads();
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const index_t i = base + index_t(u) * blockDim.x;
-      if (i >= nvec) continue;
-      const index_t first = i * VEC;
-      const index_t row = first / plane;
-      index_t pos = first - row * plane;
-      index_t c = row % channels;
-      Affine<acc_t> a = channel_affine<scalar_t, acc_t>(p, c);
+      const int e = (threadIdx.x + u * blockDim.x) * VEC;
+      if (e >= count) continue;
+      const int64_t local = pos0 + e;
+      int k = short_planes ? int(plane_div(uint32_t(local))) : int(local >= plane);
+      Affine<acc_t> a = table[k];
       vec_t out;
+      if (WHOLE) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        if (pos == plane) {  // the vector crosses into the next plane
-          pos = 0;
-          c = (c + 1 == channels) ? 0 : c + 1;
-          a = channel_affine<scalar_t, acc_t>(p, c);
+        for (int j = 0; j < VEC; ++j) out.v[j] = apply(in[u].v[j], a);
+      } else {
+        int64_t pos = local - k * plane;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          if (pos == plane) {  // the vector crosses into the next plane
+            pos = 0;
+            a = table[++k];
+          }
+          out.v[j] = apply(in[u].v[j], a);
+          ++pos;
         }
-        out.v[j] = static_cast<scalar_t>(static_cast<acc_t>(in[u].v[j]) * a.scale + a.shift);
-        ++pos;
       }
-      reinterpret_cast<vec_t*>(y)[i] = out;
+      if (e + VEC <= count) {
+        *reinterpret_cast<vec_t*>(y + start + e) = out;
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          if (e + j < count) y[start + e + j] = out.v[j];
+      }
     }
-  }
-  // The last numel % VEC elements, one per thread of block 0.
-  const index_t rest = nvec * VEC + threadIdx.x;
-  if (blockIdx.x == 0 && rest < numel) {
-    const Affine<acc_t> a = channel_affine<scalar_t, acc_t>(p, (rest / plane) % channels);
-    y[rest] = static_cast<scalar_t>(static_cast<acc_t>(x[rest]) * a.scale + a.shift);
+    __syncthreads();  // the next tile refills the table
   }
 }
 
-// Rows of `channels` contiguous elements (NHWC). Thread (tx, ty) owns channels [c0, c0 + VEC) and
-// visits rows ty, ty + rows_per_step, ...; its VEC scale/shift pairs stay in registers.
+// Rows of `channels` contiguous elements (NHWC). Thread (tx, ty) of block (bx, by) owns channels
+// c0 = (bx * blockDim.x + tx) * VEC .. c0 + VEC - 1 and visits rows by * blockDim.y + ty, then every
+// gridDim.y * blockDim.y-th. The block's scale/shift pairs are computed once, into shared memory, while
+// the first loads are in flight; each thread then keeps its VEC pairs in registers.
 template <typename scalar_t, int VEC>
 __global__ void channels_last_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
                                      int64_t rows, int64_t channels) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
-  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  if (c0 >= channels) return;
-  Affine<acc_t> a[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) a[j] = channel_affine<scalar_t, acc_t>(p, c0 + j);
+  Affine<acc_t>* table = reinterpret_cast<Affine<acc_t>*>(shared_table);
+  const int64_t block_c0 = int64_t(blockIdx.x) * blockDim.x * VEC;
+  const int64_t c0 = block_c0 + threadIdx.x * VEC;
   const int64_t step = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t base = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; base < rows; base += step * UNROLL) {
-    vec_t in[UNROLL];
+  const int64_t first = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
+  const bool active = c0 < channels;
+  vec_t in[UNROLL];
+  auto load = [&](int64_t base) {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int64_t r = base + u * step;
-      if (r < rows) in[u] = *reinterpret_cast<const vec_t*>(x + r * channels + c0);
+      if (active && r < rows) in[u] = *reinterpret_cast<const vec_t*>(x + r * channels + c0);
     }
+  };
+  load(first);
+  const int width = int(min(int64_t(blockDim.x) * VEC, channels - block_c0));
+  for (int k = threadIdx.y * blockDim.x + threadIdx.x; k < width; k += blockDim.x * blockDim.y)
+    table[k] = channel_affine<scalar_t, acc_t>(p, block_c0 + k);
+  __syncthreads();
+  if (!active) return;
+  Affine<acc_t> a[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) a[j] = table[threadIdx.x * VEC + j];
+  for (int64_t base = first; base < rows; base += step * UNROLL) {
+    if (base != first) load(base);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int64_t r = base + u * step;
       if (r >= rows) continue;
       vec_t out;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        out.v[j] = static_cast<scalar_t>(static_cast<acc_t>(in[u].v[j]) * a[j].scale + a[j].shift);
+      for (int j = 0; j < VEC; ++j) out.v[j] = apply(in[u].v[j], a[j]);
       *reinterpret_cast<vec_t*>(y + r * channels + c0) = out;
     }
   }
@@ -150,7 +249,7 @@ __global__ void channels_last_kernel(const scalar_t* __restrict__ x, scalar_t* _
 
 template <typename scalar_t>
 __global__ void naive_kernel(const scalar_t* x, scalar_t* y, const Params p, int numel, int plane, int channels) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = typename Acc<scalar_t>::type;
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx < numel) {
     const int c = (idx / plane) % channels;
@@ -158,10 +257,107 @@ __global__ void naive_kernel(const scalar_t* x, scalar_t* y, const Params p, int
     const acc_t var = load_param<scalar_t>(p.var, p.stats_fp32, c, acc_t(1));
     const acc_t weight = load_param<scalar_t>(p.weight, p.affine_fp32, c, acc_t(1));
     const acc_t bias = load_param<scalar_t>(p.bias, p.affine_fp32, c, acc_t(0));
-    const acc_t xhat = (static_cast<acc_t>(x[idx]) - mean) / sqrt(var + static_cast<acc_t>(p.eps));
-    y[idx] = static_cast<scalar_t>(xhat * weight + bias);
+    const acc_t xhat = (to_acc(x[idx]) - mean) / sqrt(var + static_cast<acc_t>(p.eps));
+    from_acc(xhat * weight + bias, y[idx]);
   }
 }
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t cap_blocks(int64_t blocks, int64_t max_blocks) {
+  blocks = std::max<int64_t>(blocks, 1);
+  return max_blocks > 0 ? std::min(blocks, max_blocks) : blocks;
+}
+
+bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % VEC_BYTES == 0; }
+
+// Dynamic shared memory beyond the default 48 KB must be asked for (big blocks on 2- to 5-element planes).
+template <typename Kernel>
+cudaError_t reserve_shared(Kernel kernel, size_t bytes) {
+  return bytes <= 48 * 1024 ? cudaSuccess
+                            : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+template <typename scalar_t, int VEC, bool WHOLE>
+cudaError_t nchw_launch(const Launch& l) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t tile = int64_t(l.threads) * UNROLL * VEC;
+  const int64_t blocks = cap_blocks(std::min<int64_t>(cdiv(l.numel, tile), INT32_MAX), l.max_blocks);
+  // A tile touches at most tile / plane + 2 planes; one more entry is read (not used) past a padded tail.
+  const size_t shared = size_t(tile / l.plane + 3) * sizeof(Affine<acc_t>);
+  const auto kernel = nchw_kernel<scalar_t, VEC, WHOLE>;
+  if (const cudaError_t error = reserve_shared(kernel, shared); error != cudaSuccess) return error;
+  kernel<<<blocks, l.threads, shared, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.numel, l.plane,
+      make_fast_div(uint32_t(std::min<int64_t>(l.plane, INT32_MAX))), l.channels);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t nchw_typed(const Launch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  if (!l.vectorized || !aligned(l.x) || !aligned(l.y)) return nchw_launch<scalar_t, 1, true>(l);
+  return l.plane % VEC == 0 ? nchw_launch<scalar_t, VEC, true>(l) : nchw_launch<scalar_t, VEC, false>(l);
+}
+
+template <typename scalar_t, int VEC>
+cudaError_t channels_last_launch(const Launch& l) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t rows = l.numel / l.channels;
+  const int64_t vectors = cdiv(l.channels, VEC);
+  int64_t tx = 1;
+  while (tx < vectors && tx < MAX_ROW_THREADS && tx < l.threads) tx *= 2;
+  const int64_t ty = std::max<int64_t>(l.threads / tx, 1);
+  const int64_t gx = cdiv(vectors, tx);
+  const int64_t gy = cap_blocks(std::min<int64_t>(cdiv(rows, ty * UNROLL), 65535), l.max_blocks > 0 ? cdiv(l.max_blocks, gx) : 0);
+  const size_t shared = size_t(tx * VEC) * sizeof(Affine<acc_t>);
+  channels_last_kernel<scalar_t, VEC><<<dim3(gx, gy), dim3(tx, ty), shared, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, rows, l.channels);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t channels_last_typed(const Launch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  const bool vectorized = l.vectorized && aligned(l.x) && aligned(l.y) && l.channels % VEC == 0;
+  return vectorized ? channels_last_launch<scalar_t, VEC>(l) : channels_last_launch<scalar_t, 1>(l);
+}
+
+template <typename scalar_t>
+cudaError_t naive_typed(const Launch& l) {
+  const int numel = int(l.numel);
+  naive_kernel<scalar_t><<<(numel + 255) / 256, 256, 0, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, numel, int(l.plane), int(l.channels));
+  return cudaGetLastError();
+}
+
+#define BN2D_DISPATCH(dtype, fn, l)                        \
+  switch (dtype) {                                       \
+    case DType::Float: return fn<float>(l);              \
+    case DType::Half: return fn<__half>(l);              \
+    case DType::BFloat16: return fn<__nv_bfloat16>(l);   \
+    case DType::Double: return fn<double>(l);            \
+  }                                                      \
+  return cudaErrorInvalidValue
+
+}  // namespace
+
+cudaError_t launch_nchw(const Launch& l) { BN2D_DISPATCH(l.dtype, nchw_typed, l); }
+cudaError_t launch_channels_last(const Launch& l) { BN2D_DISPATCH(l.dtype, channels_last_typed, l); }
+cudaError_t launch_naive(const Launch& l) { BN2D_DISPATCH(l.dtype, naive_typed, l); }
+
+}  // namespace bn2d
+"""
+
+# The tensor-facing side: checks, dtype, the current stream and device, and the bound functions.
+CPP_SOURCE = COMMON + r"""
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/utils/pybind.h>
+
+namespace {
 
 // Errors are returned to Python, which raises them, instead of thrown: under PyTorch 2.11 a c10::Error
 // thrown through this module crashed the process (experiments/NOTES.md). An empty string means success.
@@ -199,48 +395,33 @@ std::string check(const at::Tensor& x, const at::Tensor& y, const c10::optional<
   return check_pair(x, mean, var);
 }
 
-Params make_params(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                   const at::Tensor& mean, const at::Tensor& var, double eps) {
-  auto ptr = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; };
+bn2d::DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf: return bn2d::DType::Half;
+    case at::kBFloat16: return bn2d::DType::BFloat16;
+    case at::kDouble: return bn2d::DType::Double;
+    default: return bn2d::DType::Float;
+  }
+}
+
+// Checks, then runs `launcher` on x's device and current stream.
+std::string run(cudaError_t (*launcher)(const bn2d::Launch&), const at::Tensor& x, at::Tensor& y,
+                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                const at::Tensor& mean, const at::Tensor& var, double eps, int64_t threads, bool vectorized,
+                int64_t max_blocks) {
+  if (auto error = check(x, y, weight, bias, mean, var, threads); !error.empty()) return error;
+  if (x.numel() == 0) return "";
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto ptr = [](const c10::optional<at::Tensor>& t) -> const void* { return t.has_value() ? t->data_ptr() : nullptr; };
   const bool affine_fp32 = weight.has_value() ? weight->scalar_type() == at::kFloat
                                               : bias.has_value() && bias->scalar_type() == at::kFloat;
-  return {ptr(weight), ptr(bias), mean.data_ptr(), var.data_ptr(), affine_fp32, mean.scalar_type() == at::kFloat, eps};
-}
-
-std::string launch_error() {
-  const cudaError_t error = cudaGetLastError();
+  const bn2d::Params params{ptr(weight), ptr(bias), mean.data_ptr(), var.data_ptr(), affine_fp32,
+                            mean.scalar_type() == at::kFloat, eps};
+  const bn2d::Launch launch{dtype_of(x), x.data_ptr(), y.data_ptr(), params, x.numel(), x.size(1),
+                            x.size(2) * x.size(3), int(threads), vectorized, max_blocks,
+                            c10::cuda::getCurrentCUDAStream().stream()};
+  const cudaError_t error = launcher(launch);
   return error == cudaSuccess ? "" : std::string("bn2d: kernel launch failed: ") + cudaGetErrorString(error);
-}
-
-bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % VEC_BYTES == 0; }
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int64_t cap_blocks(int64_t blocks, int64_t max_blocks) {
-  blocks = std::max<int64_t>(blocks, 1);
-  return max_blocks > 0 ? std::min(blocks, max_blocks) : blocks;
-}
-
-template <typename scalar_t, int VEC, typename index_t>
-void launch_nchw(const at::Tensor& x, at::Tensor& y, const Params& p, int64_t threads, int64_t max_blocks) {
-  const int64_t numel = x.numel();
-  const int64_t blocks = cap_blocks(std::min<int64_t>(cdiv(numel / VEC, threads * UNROLL), INT32_MAX), max_blocks);
-  nchw_kernel<scalar_t, VEC, index_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, numel, x.size(2) * x.size(3), x.size(1));
-}
-
-template <typename scalar_t, int VEC>
-void launch_channels_last(const at::Tensor& x, at::Tensor& y, const Params& p, int64_t threads, int64_t max_blocks) {
-  const int64_t channels = x.size(1);
-  const int64_t rows = x.numel() / channels;
-  // Threads along C cover one row's vectors (up to the block size); the rest of the block takes more rows.
-  int64_t tx = 1;
-  while (tx < cdiv(channels, VEC) && tx < threads) tx *= 2;
-  const int64_t ty = std::max<int64_t>(threads / tx, 1);
-  const int64_t gx = cdiv(cdiv(channels, VEC), tx);
-  const int64_t gy = cap_blocks(std::min<int64_t>(cdiv(rows, ty * UNROLL), 65535), max_blocks > 0 ? cdiv(max_blocks, gx) : 0);
-  channels_last_kernel<scalar_t, VEC><<<dim3(gx, gy), dim3(tx, ty), 0, c10::cuda::getCurrentCUDAStream()>>>(
-      x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, rows, channels);
 }
 
 }  // namespace
@@ -248,75 +429,27 @@ void launch_channels_last(const at::Tensor& x, at::Tensor& y, const Params& p, i
 std::string nchw(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                  const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
                  int64_t threads, bool vectorized, int64_t max_blocks) {
-  if (auto error = check(x, y, weight, bias, mean, var, threads); !error.empty()) return error;
   BN2D_REQUIRE(x.is_contiguous(), "nchw expects a contiguous input");
-  if (x.numel() == 0) return "";
-  const c10::cuda::CUDAGuard guard(x.device());
-  const Params p = make_params(weight, bias, mean, var, eps);
-  const bool narrow = x.numel() < (int64_t(1) << 31);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn2d_nchw", [&] {
-    constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
-    if (vectorized && aligned(x) && aligned(y)) {
-      narrow ? launch_nchw<scalar_t, VEC, uint32_t>(x, y, p, threads, max_blocks)
-             : launch_nchw<scalar_t, VEC, int64_t>(x, y, p, threads, max_blocks);
-    } else {
-      narrow ? launch_nchw<scalar_t, 1, uint32_t>(x, y, p, threads, max_blocks)
-             : launch_nchw<scalar_t, 1, int64_t>(x, y, p, threads, max_blocks);
-    }
-  });
-  return launch_error();
+  // 1x1 planes: NCHW and NHWC are the same memory, and the channels_last kernel is the one for it.
+  const bool pixels = x.dim() == 4 && x.size(2) * x.size(3) == 1;
+  return run(pixels ? bn2d::launch_channels_last : bn2d::launch_nchw, x, y, weight, bias, mean, var, eps, threads,
+             vectorized, max_blocks);
 }
 
 std::string channels_last(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
                           double eps, int64_t threads, bool vectorized, int64_t max_blocks) {
-  if (auto error = check(x, y, weight, bias, mean, var, threads); !error.empty()) return error;
   BN2D_REQUIRE(x.is_contiguous(at::MemoryFormat::ChannelsLast), "channels_last expects a channels_last input");
-  if (x.numel() == 0) return "";
-  const c10::cuda::CUDAGuard guard(x.device());
-  const Params p = make_params(weight, bias, mean, var, eps);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn2d_channels_last", [&] {
-    constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
-    if (vectorized && aligned(x) && aligned(y) && x.size(1) % VEC == 0) {
-      launch_channels_last<scalar_t, VEC>(x, y, p, threads, max_blocks);
-    } else {
-      launch_channels_last<scalar_t, 1>(x, y, p, threads, max_blocks);
-    }
-  });
-  return launch_error();
+  return run(bn2d::launch_channels_last, x, y, weight, bias, mean, var, eps, threads, vectorized, max_blocks);
 }
 
 std::string naive(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps) {
-  if (auto error = check(x, y, weight, bias, mean, var, 256); !error.empty()) return error;
   BN2D_REQUIRE(x.is_contiguous(), "naive expects a contiguous input");
   BN2D_REQUIRE(x.numel() <= INT32_MAX, "the naive kernel indexes with 32-bit ints and cannot address " +
                                            std::to_string(x.numel()) + " elements (at most 2^31 - 1)");
-  if (x.numel() == 0) return "";
-  const c10::cuda::CUDAGuard guard(x.device());
-  const Params p = make_params(weight, bias, mean, var, eps);
-  const int numel = static_cast<int>(x.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn2d_naive", [&] {
-    naive_kernel<scalar_t><<<(numel + 255) / 256, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, numel, static_cast<int>(x.size(2) * x.size(3)),
-        static_cast<int>(x.size(1)));
-  });
-  return launch_error();
+  return run(bn2d::launch_naive, x, y, weight, bias, mean, var, eps, 256, false, 0);
 }
-"""
-
-# The host-side declarations of the bound functions, and the headers pybind11 needs for them.
-CPP_SOURCE = r"""
-#include <ATen/core/Tensor.h>
-#include <torch/csrc/Exceptions.h>
-#include <torch/csrc/utils/pybind.h>
-
-// Each returns an error message, empty on success.
-#define BN2D_SIGNATURE const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight, \
-    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps
-std::string nchw(BN2D_SIGNATURE, int64_t threads, bool vectorized, int64_t max_blocks);
-std::string channels_last(BN2D_SIGNATURE, int64_t threads, bool vectorized, int64_t max_blocks);
-std::string naive(BN2D_SIGNATURE);
 """
 
 FUNCTIONS = ["nchw", "channels_last", "naive"]
@@ -373,14 +506,16 @@ def module():
     return _module
 
 
-def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config: CudaConfig):
-    """y = x * scale[c] + shift[c] for `layout` in ("nchw", "channels_last", "naive"); x and y share strides."""
+def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
+    """y = x * scale[c] + shift[c] for `layout` in ("nchw", "channels_last", "naive"); x and y share strides.
+    `config` holds a CudaConfig's fields in order."""
     m = module()
     if layout == "naive":
         error = m.naive(x, y, weight, bias, mean, var, eps)
     else:
-        max_blocks = config.blocks_per_sm * _sm_count(x.device) if config.blocks_per_sm else 0
-        error = getattr(m, layout)(x, y, weight, bias, mean, var, eps, config.threads, config.vectorized, max_blocks)
+        threads, vectorized, blocks_per_sm = config
+        max_blocks = blocks_per_sm * _sm_count(x.device) if blocks_per_sm else 0
+        error = getattr(m, layout)(x, y, weight, bias, mean, var, eps, threads, bool(vectorized), max_blocks)
     if error:
         raise RuntimeError(error)
 

@@ -18,6 +18,7 @@ from .triton_kernels import TritonConfig
 BACKENDS = ("cuda", "cuda_naive", "triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 CONFIGS = {"cuda": CudaConfig, "cuda_naive": CudaConfig, "triton": TritonConfig}
+_DEFAULT_CONFIGS = {backend: [int(v) for v in cls()] for backend, cls in CONFIGS.items()}
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -46,7 +47,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     mean, var = running_mean, running_var
     if training:
         mean, var = _batch_stats(input, running_mean, running_var, momentum)
-    return normalize(input, mean, var, weight, bias, eps, backend=backend, config=config, out=out)
+    return _normalize(input, mean, var, weight, bias, eps, backend, config, out)
 
 
 def normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor] = None,
@@ -60,13 +61,18 @@ def normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor]
     _check_inputs(input, mean, var, weight, bias, backend)
     if backend == "torch":
         raise ValueError("normalize runs the kernel backends; use batch_norm for backend='torch'")
+    return _normalize(input, mean, var, weight, bias, eps, backend, config, out)
+
+
+def _normalize(input, mean, var, weight, bias, eps, backend, config, out):
+    """normalize on checked arguments."""
     config = _config_list(backend, config)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (input, mean, var, weight, bias))
     if out is None:
         # The registered op serves autograd and torch.compile; plain eager calls skip its dispatch cost.
         traced = needs_grad or _is_compiling()
-        return (_normalize if traced else _normalize_impl)(input, mean, var, weight, bias, eps, backend, config)
+        return (_normalize_op if traced else _normalize_impl)(input, mean, var, weight, bias, eps, backend, config)
     if needs_grad:
         raise RuntimeError("bn2d: out= does not support automatic differentiation; call without out=")
     x, layout = _layout(input, backend)
@@ -108,10 +114,8 @@ def _layout(x: Tensor, backend: str):
 
 
 def _launch(x, y, layout, mean, var, weight, bias, eps, backend, config: List[int]):
-    if backend == "triton":
-        triton_kernels.normalize(x, y, weight, bias, mean, var, eps, layout, TritonConfig(*config))
-    else:
-        cuda_kernels.normalize(x, y, weight, bias, mean, var, eps, layout, CudaConfig(*config))
+    kernels = triton_kernels if backend == "triton" else cuda_kernels
+    kernels.normalize(x, y, weight, bias, mean, var, eps, layout, config)
 
 
 def _normalize_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -158,7 +162,6 @@ if hasattr(torch.library, "custom_op"):  # PyTorch >= 2.4: one op for autograd a
         return (*_normalize_backward(grad, x, mean, var, weight, ctx.eps, ctx.needs_input_grad), None, None, None)
 
     _normalize_op.register_autograd(_backward, setup_context=_setup_context)
-    _normalize = _normalize_op
 else:  # older PyTorch: autograd only; torch.compile sees a graph break
     class _Normalize(torch.autograd.Function):
         @staticmethod
@@ -172,7 +175,7 @@ else:  # older PyTorch: autograd only; torch.compile sees a graph break
             x, mean, var, weight = ctx.saved_tensors
             return (*_normalize_backward(grad, x, mean, var, weight, ctx.eps, ctx.needs_input_grad), None, None, None)
 
-    _normalize = _Normalize.apply
+    _normalize_op = _Normalize.apply
 
 
 def _batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float):
@@ -192,8 +195,8 @@ def _config_list(backend: str, config) -> List[int]:
     """The backend's launch parameters as a list of ints (0 fields take the default)."""
     cls = CONFIGS[backend]
     if config is None:
-        config = cls()
-    elif isinstance(config, dict):
+        return _DEFAULT_CONFIGS[backend]
+    if isinstance(config, dict):
         config = cls(**config)
     elif not isinstance(config, cls):
         raise TypeError(f"config for backend {backend!r} must be a {cls.__name__} or a dict of its fields, "

@@ -55,7 +55,11 @@ def _affine(c, mask, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
 def normalize_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
                      R, L, C,
                      CHANNEL_PER_ROW: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, ROW_LEN: tl.constexpr):
+    if ROW_LEN:
+        # A row length known at compile time tells Triton how far each row start is aligned (a run-time
+        # length is only known to be a multiple of 16 or not), so 14x14 planes keep 8-byte accesses.
+        L = ROW_LEN
     # A 1-D grid (the y and z grid dimensions stop at 65535 programs), column blocks fastest.
     col_blocks = tl.cdiv(L, BLOCK_L)
     pid = tl.program_id(0).to(tl.int64)
@@ -79,8 +83,9 @@ def normalize_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
     tl.store(y_ptr + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config: TritonConfig):
-    """y = x * scale[c] + shift[c] for `layout` in ("nchw", "channels_last"); x and y share strides."""
+def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
+    """y = x * scale[c] + shift[c] for `layout` in ("nchw", "channels_last"); x and y share strides.
+    `config` holds a TritonConfig's fields in order (0: the default)."""
     n, c, h, w = x.shape
     if layout == "nchw":
         rows, cols = n * c, h * w
@@ -97,5 +102,6 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config: Tr
         x, y, weight, bias, mean, var, eps, rows, cols, c,
         CHANNEL_PER_ROW=layout == "nchw", HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
-        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_L=block_l, ROW_LEN=cols if cols % 16 and cols <= MAX_BLOCK_L else 0,
+        num_warps=num_warps,
     )

@@ -4,7 +4,7 @@ import torch
 from conftest import TOLERANCE, gpu, make_params
 from torch import nn
 
-from kernels import BatchNorm2d, batch_norm, output_like
+from kernels import BatchNorm2d, CudaConfig, batch_norm, output_like
 from kernels.reference import batch_norm_error, batch_norm_reference, relative_error
 
 pytestmark = gpu
@@ -24,6 +24,32 @@ def test_more_than_2_31_elements(backend, shape, fmt):
     if fmt == torch.contiguous_format:
         with pytest.raises(RuntimeError, match="32-bit"):
             batch_norm(x, *params, backend="cuda_naive", out=out)
+
+
+# Shapes for the launch configs: 2-element planes (the largest shared-memory table), 7x7 planes (vectors
+# straddle planes), planes longer than the largest tile (a tile spans two planes), a tail that is not a whole
+# vector, and enough elements for a small grid to loop over several tiles.
+CONFIG_SHAPES = [(3, 40, 1, 2), (4, 24, 7, 7), (2, 3, 130, 300), (3, 5, 7, 9), (16, 64, 28, 28)]
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("config", [CudaConfig(32, True, 0), CudaConfig(256, True, 1), CudaConfig(1024, True, 0),
+                                    CudaConfig(1024, True, 1), CudaConfig(128, False, 0)], ids=str)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", CONFIG_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_configs(shape, fmt, config, dtype, offset):
+    """Every launch config on every path of the CUDA kernels; `offset` shifts x and y off 16-byte alignment."""
+    def buffer(like):
+        flat = torch.empty(like.numel() + offset, device="cuda", dtype=dtype)[offset:]
+        return flat.as_strided(like.shape, like.stride())
+
+    dense = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    x = buffer(dense).copy_(dense)
+    out = buffer(dense).fill_(float("nan"))
+    params = make_params(shape[1])
+    batch_norm(x, *params, backend="cuda", config=config, out=out)
+    assert relative_error(out, batch_norm_reference(x, *params)) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("backend", KERNELS)
