@@ -29,13 +29,16 @@ namespace bn2d {
 
 enum class DType : int { Float, Half, BFloat16, Double };
 
-// Per-channel tensors: each pair (mean, var) and (weight, bias) is float32 or the input's dtype; weight and
-// bias may be absent (affine=False).
+// Per-channel tensors: each pair (mean, var) and (weight, bias) is float32 or the input's dtype. An absent
+// weight or bias (affine=False) has has_weight/has_bias false and points at another valid vector of the same
+// dtype, so a kernel loads all four unconditionally: no branch splits them, and their latencies overlap.
 struct Params {
   const void* weight;
   const void* bias;
   const void* mean;
   const void* var;
+  bool has_weight;
+  bool has_bias;
   bool affine_fp32;
   bool stats_fp32;
   double eps;
@@ -70,6 +73,8 @@ namespace {
 // Each vector access moves 16 bytes; every thread has UNROLL of them in flight before the first use.
 constexpr int VEC_BYTES = 16;
 constexpr int UNROLL = 4;
+// The largest block a config may ask for; the kernels are compiled to fit it (at most 64 registers).
+constexpr int MAX_THREADS = 1024;
 // channels_last: at most a warp along a row (32 vectors = 512 contiguous bytes); the rest of a block takes
 // more rows, so a block's channel range (and its shared-memory table) stays small.
 constexpr int MAX_ROW_THREADS = 32;
@@ -87,8 +92,7 @@ __device__ __forceinline__ void from_acc(float v, __half& out) { out = __float2h
 __device__ __forceinline__ void from_acc(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
 
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t load_param(const void* p, bool fp32, int64_t c, acc_t absent) {
-  if (p == nullptr) return absent;
+__device__ __forceinline__ acc_t load_param(const void* p, bool fp32, int64_t c) {
   return fp32 ? acc_t(static_cast<const float*>(p)[c]) : acc_t(to_acc(static_cast<const scalar_t*>(p)[c]));
 }
 
@@ -97,12 +101,14 @@ template <typename acc_t> struct Affine { acc_t scale, shift; };
 // y = x * scale + shift with scale = weight / sqrt(var + eps) and shift = bias - mean * scale.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ Affine<acc_t> channel_affine(const Params& p, int64_t c) {
-  const acc_t mean = load_param<scalar_t>(p.mean, p.stats_fp32, c, acc_t(0));
-  const acc_t var = load_param<scalar_t>(p.var, p.stats_fp32, c, acc_t(1));
-  const acc_t weight = load_param<scalar_t>(p.weight, p.affine_fp32, c, acc_t(1));
-  const acc_t bias = load_param<scalar_t>(p.bias, p.affine_fp32, c, acc_t(0));
-  const acc_t scale = weight * (acc_t(1) / sqrt(var + static_cast<acc_t>(p.eps)));
-  return {scale, bias - mean * scale};
+  const acc_t mean = load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, c);
+  const acc_t var = load_param<scalar_t, acc_t>(p.var, p.stats_fp32, c);
+  const acc_t weight = load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, c);
+  const acc_t bias = load_param<scalar_t, acc_t>(p.bias, p.affine_fp32, c);
+  // rsqrt: one MUFU instruction in float32 (within 2 ulp); a division and a square root would each add a
+  // branch to a slow path, and no load moves across a branch.
+  const acc_t scale = (p.has_weight ? weight : acc_t(1)) * rsqrt(var + static_cast<acc_t>(p.eps));
+  return {scale, (p.has_bias ? bias : acc_t(0)) - mean * scale};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -136,7 +142,7 @@ extern __shared__ __align__(16) unsigned char shared_table[];
 // two planes. A tile spans at most two planes when planes are at least a tile long; shorter planes need a
 // division per vector (tile-relative positions then fit in 32 bits).
 template <typename scalar_t, int VEC, bool WHOLE>
-__global__ void nchw_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
+__global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
                             int64_t numel, int64_t plane, FastDiv plane_div, int64_t channels) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
@@ -206,7 +212,7 @@ __global__ void nchw_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict
 // gridDim.y * blockDim.y-th. The block's scale/shift pairs are computed once, into shared memory, while
 // the first loads are in flight; each thread then keeps its VEC pairs in registers.
 template <typename scalar_t, int VEC>
-__global__ void channels_last_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
+__global__ void __launch_bounds__(MAX_THREADS) channels_last_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
                                      int64_t rows, int64_t channels) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
@@ -253,10 +259,10 @@ __global__ void naive_kernel(const scalar_t* x, scalar_t* y, const Params p, int
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx < numel) {
     const int c = (idx / plane) % channels;
-    const acc_t mean = load_param<scalar_t>(p.mean, p.stats_fp32, c, acc_t(0));
-    const acc_t var = load_param<scalar_t>(p.var, p.stats_fp32, c, acc_t(1));
-    const acc_t weight = load_param<scalar_t>(p.weight, p.affine_fp32, c, acc_t(1));
-    const acc_t bias = load_param<scalar_t>(p.bias, p.affine_fp32, c, acc_t(0));
+    const acc_t mean = load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, c);
+    const acc_t var = load_param<scalar_t, acc_t>(p.var, p.stats_fp32, c);
+    const acc_t weight = p.has_weight ? load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, c) : acc_t(1);
+    const acc_t bias = p.has_bias ? load_param<scalar_t, acc_t>(p.bias, p.affine_fp32, c) : acc_t(0);
     const acc_t xhat = (to_acc(x[idx]) - mean) / sqrt(var + static_cast<acc_t>(p.eps));
     from_acc(xhat * weight + bias, y[idx]);
   }
@@ -412,11 +418,13 @@ std::string run(cudaError_t (*launcher)(const bn2d::Launch&), const at::Tensor& 
   if (auto error = check(x, y, weight, bias, mean, var, threads); !error.empty()) return error;
   if (x.numel() == 0) return "";
   const c10::cuda::CUDAGuard guard(x.device());
-  auto ptr = [](const c10::optional<at::Tensor>& t) -> const void* { return t.has_value() ? t->data_ptr() : nullptr; };
-  const bool affine_fp32 = weight.has_value() ? weight->scalar_type() == at::kFloat
-                                              : bias.has_value() && bias->scalar_type() == at::kFloat;
-  const bn2d::Params params{ptr(weight), ptr(bias), mean.data_ptr(), var.data_ptr(), affine_fp32,
-                            mean.scalar_type() == at::kFloat, eps};
+  const bool stats_fp32 = mean.scalar_type() == at::kFloat;
+  // An absent weight or bias points at a present vector of its pair's dtype (Params explains why).
+  const at::Tensor& stand_in = weight.has_value() ? *weight : bias.has_value() ? *bias : mean;
+  const bool affine_fp32 = weight.has_value() || bias.has_value() ? stand_in.scalar_type() == at::kFloat : stats_fp32;
+  const bn2d::Params params{(weight.has_value() ? *weight : stand_in).data_ptr(),
+                            (bias.has_value() ? *bias : stand_in).data_ptr(), mean.data_ptr(), var.data_ptr(),
+                            weight.has_value(), bias.has_value(), affine_fp32, stats_fp32, eps};
   const bn2d::Launch launch{dtype_of(x), x.data_ptr(), y.data_ptr(), params, x.numel(), x.size(1),
                             x.size(2) * x.size(3), int(threads), vectorized, max_blocks,
                             c10::cuda::getCurrentCUDAStream().stream()};

@@ -224,20 +224,24 @@ def _check_inputs(x, mean, var, weight, bias, backend):
         raise ValueError(f"expected 4D input (got {x.dim()}D input)")
     if x.dtype not in DTYPES:
         raise TypeError(f"unsupported input dtype {x.dtype}; expected float32, float16, bfloat16 or float64")
-    channels = x.size(1)
+    # One combined test per tensor on the hot path; the diagnosis only when it fails.
+    shape, device, dtypes = (x.size(1),), x.device, (torch.float32, x.dtype)
     for name, t in (("running_mean", mean), ("running_var", var), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dim() != 1 or t.numel() != channels:
-            raise ValueError(f"{name} should have {channels} elements (one per channel of the input), "
-                             f"got shape {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
-        if t.dtype not in (torch.float32, x.dtype):
-            raise TypeError(f"{name} has dtype {t.dtype}; expected float32 or the input's dtype {x.dtype}")
+        if t is not None and (t.shape != shape or t.device != device or t.dtype not in dtypes):
+            _diagnose(name, t, x)
     for names, a, b in (("running_mean and running_var", mean, var), ("weight and bias", weight, bias)):
         if a is not None and b is not None and a.dtype != b.dtype:
             raise TypeError(f"{names} must share one dtype, got {a.dtype} and {b.dtype}")
+
+
+def _diagnose(name: str, t: Tensor, x: Tensor):
+    """Raise the error that says what is wrong with per-channel tensor `t` for input `x`."""
+    if t.shape != (x.size(1),):
+        raise ValueError(f"{name} should have {x.size(1)} elements (one per channel of the input), "
+                         f"got shape {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+    raise TypeError(f"{name} has dtype {t.dtype}; expected float32 or the input's dtype {x.dtype}")
 
 
 def _check_batch_size(x: Tensor):
