@@ -29,6 +29,7 @@ def cases(x, backends):
         module = BatchNorm2d(c, backend=backend).to(x.device).eval()
         out = torch.empty_like(x)
         yield "BatchNorm2d", backend, lambda module=module: module(x)
+        yield "batch_norm", backend, lambda backend=backend: batch_norm(x, *stats, backend=backend)
         yield "batch_norm(out=)", backend, lambda backend=backend, out=out: batch_norm(x, *stats, backend=backend, out=out)
 
 

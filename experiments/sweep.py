@@ -30,6 +30,10 @@ BACKENDS = ["cuda", "cuda_naive", "triton", "torch", "torch_nocudnn", "torch_com
 DATASHEET_GBPS = [("A100-SXM4-40GB", 1555), ("A100-PCIE-40GB", 1555), ("A100", 2039), ("H100 PCIe", 2000),
                   ("H100", 3350), ("H200", 4800)]
 
+# Milliseconds of timed calls per measurement (and a quarter of it of warm-up): at least 7 calls of the
+# largest shape, thousands of the smallest.
+WINDOW_MS = 40
+
 # Shapes at or under this many bytes moved are also timed by CUDA-graph replay, where launch gaps vanish.
 GRAPH_BYTES = 64 << 20
 
@@ -58,8 +62,8 @@ def time_ms(fn, timing: str):
         ms = (time.perf_counter() - start) * 1e3
         return ms, ms, ms
     if timing == "cudagraph":
-        return triton.testing.do_bench_cudagraph(fn, rep=50, quantiles=[0.5, 0.2, 0.8])
-    return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return triton.testing.do_bench_cudagraph(fn, rep=WINDOW_MS, quantiles=[0.5, 0.2, 0.8])
+    return triton.testing.do_bench(fn, warmup=WINDOW_MS // 4, rep=WINDOW_MS, quantiles=[0.5, 0.2, 0.8])
 
 
 def make_fn(backend, config, x, params):

@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
           if (e + j < count) y[start + e + j] = out.v[j];
       }
     }
-    __syncthreads();  // the next tile refills the table
+    if (start + int64_t(gridDim.x) * tile < numel) __syncthreads();  // the next tile refills the table
   }
 }
 
