@@ -52,6 +52,31 @@ def device_times(df):
     return pd.concat([graph, bench[~timed]], ignore_index=True)
 
 
+def headline(df) -> pd.DataFrame:
+    """The README's results table: per backend, min / median % of copy for tensors over 200 MB (do_bench), all
+    points (do_bench), tensors up to 64 MB (CUDA graph); points at >= 95% of copy (device times); and, per
+    point by device time, how often it beats PyTorch eager, torch.compile and the other kernel backend."""
+    bench, graph, device = defaults(df), defaults(df, "cudagraph"), device_times(df)
+    times = device.pivot_table(index=["shape", "dtype", "layout"], columns="backend", values="median_ms")
+    rivals = {"cuda": "triton", "triton": "cuda"}
+
+    def span(values):
+        return f"{values.min():.0f} / {values.median():.0f}" if len(values) else ""
+
+    rows = {}
+    for backend, d in device.groupby("backend"):
+        row = {"> 200 MB, do_bench": span(bench[(bench.backend == backend) & (bench.bytes > 200e6)].pct_of_copy),
+               "all, do_bench": span(bench[bench.backend == backend].pct_of_copy),
+               "<= 64 MB, CUDA graph": span(graph[graph.backend == backend].pct_of_copy),
+               ">= 95% of copy": f"{(d.pct_of_copy >= 95).sum()} / {len(d)}"}
+        for other in ["torch", "torch_compile", rivals.get(backend)]:
+            if backend in OURS and other in times:
+                ratio = (times[other] / times[backend]).dropna()
+                row[f"faster than {other}"] = f"{(ratio > 1).sum()} / {len(ratio)}, median {ratio.median():.2f}x"
+        rows[backend] = row
+    return pd.DataFrame.from_dict(rows, orient="index").fillna("")
+
+
 def panels(df, title):
     """A dtype x layout grid of axes."""
     dtypes, layouts = sorted(df.dtype.unique()), sorted(df.layout.unique())
@@ -74,12 +99,17 @@ def bandwidth(df, out):
             yerr = [(g.gbps - low).clip(lower=0), (high - g.gbps).clip(lower=0)]  # medians of runs may cross
             ax.errorbar(g.bytes, g.gbps, yerr=yerr, fmt="o-", ms=3, lw=1, capsize=2,
                         label=backend, color=COLORS.get(backend))
-        copy = part.drop_duplicates("shape").sort_values("bytes")
-        ax.plot(copy.bytes, copy.copy_gbps, "k--", lw=1.5, label="copy (same bytes)")
+        copy_line(ax, part, part.copy_gbps)
         ax.axhline(part.datasheet_gbps.max(), color="grey", ls=":", label="datasheet")
         ax.set(xscale="log", title=f"{dtype}, {layout}", xlabel="bytes moved", ylabel="GB/s")
     ax.legend(fontsize=7)
     save(out, "bandwidth.png")
+
+
+def copy_line(ax, part, values):
+    """The copy of the same bytes, once per shape, as a dashed line over bytes moved."""
+    copy = part.assign(value=values).drop_duplicates("shape").sort_values("bytes")
+    ax.plot(copy.bytes, copy.value, "k--", lw=1.5, label="copy (same bytes)")
 
 
 def roofline(df, out):
@@ -153,8 +183,7 @@ def small_shape_latency(df, out):
         for backend, g in part.groupby("backend"):
             g = g.sort_values("bytes")
             ax.plot(g.bytes, g.median_ms * 1e3, "o-", ms=3, lw=1, label=backend, color=COLORS.get(backend))
-        copy = part.drop_duplicates("shape").sort_values("bytes")
-        ax.plot(copy.bytes, copy.copy_ms * 1e3, "k--", label="copy (same bytes)")
+        copy_line(ax, part, part.copy_ms * 1e3)
         ax.set(xscale="log", yscale="log", title=f"{dtype}, {layout}", xlabel="bytes moved", ylabel="µs")
     ax.legend(fontsize=7)
     save(out, "small_shape_latency.png")
@@ -194,6 +223,8 @@ def main(argv=None):
            "Speed-up over PyTorch eager and torch.compile (CUDA graph up to 64 MB, do_bench above)")
     small_shape_latency(df, args.out)
     build_times(args.build, args.out)
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        print(headline(df))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ WINDOW_MS = 40
 # Shapes at or under this many bytes moved are also timed by CUDA-graph replay, where launch gaps vanish.
 GRAPH_BYTES = 64 << 20
 
-# Launch-parameter grids for the block-size heatmaps (run on the shapes of --grid-shapes).
+# Launch-parameter grids for the block-size heatmaps (with --grid: on the smoke shapes, or on all of --shapes).
 CUDA_GRID = [CudaConfig(t, v, b) for t in (128, 256, 512, 1024) for v in (True, False) for b in (0, 4)]
 TRITON_GRID = [TritonConfig(r, l, w) for r, l in ((1, 1024), (1, 4096), (2, 2048), (4, 1024), (8, 512), (16, 256),
                                                    (64, 64), (32, 256)) for w in (4, 8)]

@@ -63,3 +63,9 @@ def test_host_overhead_writes_one_row_per_call(tmp_path):
     assert [r["call"] for r in rows] == ["clone", "F.batch_norm", "nn.BatchNorm2d", "BatchNorm2d", "batch_norm",
                                           "batch_norm(out=)"]
     assert float(rows[0]["ratio_to_clone"]) == 1.0 and all(float(r["us_per_call"]) > 0 for r in rows)
+
+
+def test_headline_table_from_the_fixture():
+    table = plot.headline(plot.load_sweep([DATA / "sweep_fixture.csv"]))
+    assert {"cuda", "triton", "torch", "torch_compile"} <= set(table.index)
+    assert table.loc["cuda", "faster than torch_compile"].split(" / ")[1].startswith("14")  # the fixture's 14 points per backend
