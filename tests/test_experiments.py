@@ -68,4 +68,5 @@ def test_host_overhead_writes_one_row_per_call(tmp_path):
 def test_headline_table_from_the_fixture():
     table = plot.headline(plot.load_sweep([DATA / "sweep_fixture.csv"]))
     assert {"cuda", "triton", "torch", "torch_compile"} <= set(table.index)
-    assert table.loc["cuda", "faster than torch_compile"].split(" / ")[1].startswith("14")  # the fixture's 14 points per backend
+    wins, points = table.loc["cuda", "faster than torch_compile"].split(",")[0].split(" / ")
+    assert int(points) == 14 and 0 <= int(wins) <= 14  # the fixture's 14 points per backend
