@@ -141,14 +141,14 @@ extern __shared__ __align__(16) unsigned char shared_table[];
 // blockDim.x * UNROLL * VEC elements. WHOLE: `plane` is a whole number of vectors, so no vector straddles
 // two planes. A tile spans at most two planes when planes are at least a tile long; shorter planes need a
 // division per vector (tile-relative positions then fit in 32 bits).
-template <typename scalar_t, int VEC, bool WHOLE>
+template <typename scalar_t, int VEC, bool WHOLE, bool LONG>
 __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
-                            int64_t numel, int64_t plane, FastDiv plane_div, int64_t channels) {
+                            int64_t numel, int64_t plane, FastDiv plane_div, int64_t channels,
+                            FastDiv channel_div) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   Affine<acc_t>* table = reinterpret_cast<Affine<acc_t>*>(shared_table);
   const int tile = blockDim.x * UNROLL * VEC;
-  const bool short_planes = plane < tile;
   const bool narrow = numel < (int64_t(1) << 31);
   for (int64_t start = int64_t(blockIdx.x) * tile; start < numel; start += int64_t(gridDim.x) * tile) {
     const int count = int(min(int64_t(tile), numel - start));
@@ -164,21 +164,36 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
           if (e + j < count) in[u].v[j] = x[start + e + j];
       }
     }
-    // The tile's planes: plane0 .. plane0 + planes - 1, the first entered at position pos0.
+    // The tile's planes start at plane0, entered at position pos0.
     const int64_t plane0 = narrow ? int64_t(plane_div(uint32_t(start))) : start / plane;
     const int64_t pos0 = start - plane0 * plane;
-    const int64_t last = pos0 + count - 1;
-    const int planes = short_planes ? int(plane_div(uint32_t(last))) + 1 : 1 + int(last >= plane);
-    for (int k = threadIdx.x; k < planes; k += blockDim.x)
-      table[k] = channel_affine<scalar_t, acc_t>(p, (plane0 + k) % channels);
-    __syncthreads();
+    auto channel = [&](int64_t q) {
+      return narrow ? int64_t(uint32_t(q) - channel_div(uint32_t(q)) * uint32_t(channels)) : q % channels;
+    };
+    // LONG planes (at least a tile): a tile spans at most two, and every thread computes both pairs itself
+    // (the same loads for the whole block, so L1 hits), with no barrier. Short planes: the tile's planes'
+    // pairs go to shared memory, one per thread.
+    Affine<acc_t> first, second;
+    if constexpr (LONG) {
+      first = channel_affine<scalar_t, acc_t>(p, channel(plane0));
+      second = channel_affine<scalar_t, acc_t>(p, channel(plane0 + 1));
+    } else {
+      const int planes = int(plane_div(uint32_t(pos0 + count - 1))) + 1;
+      for (int k = threadIdx.x; k < planes; k += blockDim.x)
+        table[k] = channel_affine<scalar_t, acc_t>(p, channel(plane0 + k));
+      __syncthreads();
+    }
+    auto affine = [&](int k) {
+      if constexpr (LONG) return k == 0 ? first : second;
+      else return table[k];
+    };
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int e = (threadIdx.x + u * blockDim.x) * VEC;
       if (e >= count) continue;
       const int64_t local = pos0 + e;
-      int k = short_planes ? int(plane_div(uint32_t(local))) : int(local >= plane);
-      Affine<acc_t> a = table[k];
+      int k = LONG ? int(local >= plane) : int(plane_div(uint32_t(local)));
+      Affine<acc_t> a = affine(k);
       vec_t out;
       if (WHOLE) {
 #pragma unroll
@@ -189,7 +204,7 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
         for (int j = 0; j < VEC; ++j) {
           if (pos == plane) {  // the vector crosses into the next plane
             pos = 0;
-            a = table[++k];
+            a = affine(++k);
           }
           out.v[j] = apply(in[u].v[j], a);
           ++pos;
@@ -203,7 +218,7 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
           if (e + j < count) y[start + e + j] = out.v[j];
       }
     }
-    if (start + int64_t(gridDim.x) * tile < numel) __syncthreads();  // the next tile refills the table
+    if (!LONG && start + int64_t(gridDim.x) * tile < numel) __syncthreads();  // the next tile refills the table
   }
 }
 
@@ -284,26 +299,36 @@ cudaError_t reserve_shared(Kernel kernel, size_t bytes) {
                             : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 
-template <typename scalar_t, int VEC, bool WHOLE>
+template <typename scalar_t, int VEC, bool WHOLE, bool LONG>
 cudaError_t nchw_launch(const Launch& l) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t tile = int64_t(l.threads) * UNROLL * VEC;
   const int64_t blocks = cap_blocks(std::min<int64_t>(cdiv(l.numel, tile), INT32_MAX), l.max_blocks);
-  // A tile touches at most tile / plane + 2 planes; one more entry is read (not used) past a padded tail.
-  const size_t shared = size_t(tile / l.plane + 3) * sizeof(Affine<acc_t>);
-  const auto kernel = nchw_kernel<scalar_t, VEC, WHOLE>;
+  // A tile of short planes touches at most tile / plane + 2 of them; one more entry is read (not used) past a
+  // padded tail. Long planes use no table.
+  const size_t shared = LONG ? 0 : size_t(tile / l.plane + 3) * sizeof(Affine<acc_t>);
+  const auto kernel = nchw_kernel<scalar_t, VEC, WHOLE, LONG>;
   if (const cudaError_t error = reserve_shared(kernel, shared); error != cudaSuccess) return error;
   kernel<<<blocks, l.threads, shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.numel, l.plane,
-      make_fast_div(uint32_t(std::min<int64_t>(l.plane, INT32_MAX))), l.channels);
+      make_fast_div(uint32_t(std::min<int64_t>(l.plane, INT32_MAX))), l.channels, make_fast_div(uint32_t(l.channels)));
   return cudaGetLastError();
 }
 
+template <typename scalar_t, int VEC, bool WHOLE>
+cudaError_t nchw_by_plane_length(const Launch& l) {
+  const bool long_planes = l.plane >= int64_t(l.threads) * UNROLL * VEC;
+  return long_planes ? nchw_launch<scalar_t, VEC, WHOLE, true>(l) : nchw_launch<scalar_t, VEC, WHOLE, false>(l);
+}
+
+// The NCHW kernel for a launch: vector width by alignment, the straddle walk only where a plane is not a whole
+// number of vectors, the shared-memory table only for planes shorter than a tile.
 template <typename scalar_t>
 cudaError_t nchw_typed(const Launch& l) {
   constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
-  if (!l.vectorized || !aligned(l.x) || !aligned(l.y)) return nchw_launch<scalar_t, 1, true>(l);
-  return l.plane % VEC == 0 ? nchw_launch<scalar_t, VEC, true>(l) : nchw_launch<scalar_t, VEC, false>(l);
+  if (!l.vectorized || !aligned(l.x) || !aligned(l.y)) return nchw_by_plane_length<scalar_t, 1, true>(l);
+  return l.plane % VEC == 0 ? nchw_by_plane_length<scalar_t, VEC, true>(l)
+                            : nchw_by_plane_length<scalar_t, VEC, false>(l);
 }
 
 template <typename scalar_t, int VEC>
