@@ -204,9 +204,8 @@ def _config_list(backend: str, config) -> List[int]:
     return [int(v) for v in config]
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return compiler.is_compiling() if hasattr(compiler, "is_compiling") else torch._dynamo.is_compiling()
+# Looked up once: it is asked on every call.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
 
 
 def _runs_kernels(x: Tensor, backend: str) -> bool:

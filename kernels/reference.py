@@ -21,22 +21,29 @@ def batch_stats_reference(x):
 
 def relative_error(out, ref) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere in `out` gives inf, so an unwritten element fails."""
-    out = out.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+    return _ratio([_squared_norms(out, ref)])
 
 
 def batch_norm_error(y, x, mean, var, weight=None, bias=None, eps: float = 1e-5, rows: int = 256) -> float:
     """relative_error of y against the reference for x, in slices of H: the float64 copy of a whole large
     tensor need not fit."""
+    return _ratio(_squared_norms(y[:, :, h:h + rows], batch_norm_reference(x[:, :, h:h + rows], mean, var, weight,
+                                                                           bias, eps))
+                  for h in range(0, x.size(2), rows))
+
+
+def _squared_norms(out, ref):
+    """(||out - ref||^2, ||ref||^2) in float64, or None when out holds a non-finite element."""
+    out = out.double()
+    if not torch.isfinite(out).all():
+        return None
+    return (out - ref).norm().item() ** 2, ref.norm().item() ** 2
+
+
+def _ratio(parts) -> float:
     num = den = 0.0
-    for h in range(0, x.size(2), rows):
-        ref = batch_norm_reference(x[:, :, h:h + rows], mean, var, weight, bias, eps)
-        out = y[:, :, h:h + rows].double()
-        if not torch.isfinite(out).all():
+    for part in parts:
+        if part is None:
             return float("inf")
-        num += (out - ref).norm().item() ** 2
-        den += ref.norm().item() ** 2
-    return (num / den) ** 0.5 if den > 0 else num ** 0.5
+        num, den = num + part[0], den + part[1]
+    return (num / (den if den > 0 else 1.0)) ** 0.5
