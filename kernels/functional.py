@@ -46,7 +46,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return y if out is None else out.copy_(y)
     mean, var = running_mean, running_var
     if training:
-        mean, var = _batch_stats(input, running_mean, running_var, momentum)
+        mean, var = _batch_stats(input, running_mean, running_var, momentum, backend)
     return _normalize(input, mean, var, weight, bias, eps, backend, config, out)
 
 
@@ -178,9 +178,14 @@ else:  # older PyTorch: autograd only; torch.compile sees a graph break
     _normalize_op = _Normalize.apply
 
 
-def _batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float):
+def _batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                 backend: str):
     """Batch mean and biased variance (float32, float64 for float64 input); updates the running statistics
-    with the unbiased variance, as PyTorch does."""
+    with the unbiased variance, as PyTorch does. On the Triton backend by its kernels, unless x needs a
+    gradient (then by PyTorch ops, which autograd differentiates)."""
+    if backend == "triton" and not (torch.is_grad_enabled() and x.requires_grad):
+        x, layout = _layout(x, backend)
+        return triton_kernels.batch_stats(x, layout, running_mean, running_var, momentum)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
     if running_mean is not None:

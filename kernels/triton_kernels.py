@@ -105,3 +105,140 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
         BLOCK_R=block_r, BLOCK_L=block_l, ROW_LEN=cols if cols % 16 and cols <= MAX_BLOCK_L else 0,
         num_warps=num_warps,
     )
+
+
+# Training mode: per-channel batch statistics. A first kernel summarises parts of each channel as
+# (count, mean, M2) -- a tile at a time, each tile's mean and M2 computed from the tile itself and merged
+# into the running summary with Chan's formula, in float64 across tiles, so no sum of squares loses the
+# variance of 16.7 million elements -- and a second merges the parts of each channel, writes the batch mean
+# and biased variance, and updates the running statistics as PyTorch does.
+
+# channels_last: programs per channel block over the rows (enough to fill an H100 several times).
+STATS_ROW_CHUNKS = 512
+
+
+@triton.jit
+def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s combination of two (count, mean, M2) summaries."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    w = tl.where(n > 0, n_b / tl.where(n > 0, n, 1.0), 0.0)
+    return n, mean_a + delta * w, m2_a + m2_b + delta * delta * n_a * w
+
+
+@triton.jit
+def _tile_summary(x, mask, AXIS: tl.constexpr):
+    """(count, mean, M2) of the masked tile x along AXIS, in float64."""
+    n = tl.sum(mask.to(tl.float64), axis=AXIS)
+    mean = tl.sum(tl.where(mask, x, 0.0), axis=AXIS) / tl.maximum(n, 1.0).to(x.dtype)
+    d = tl.where(mask, x - tl.expand_dims(mean, AXIS), 0.0)
+    return n, mean.to(tl.float64), tl.sum(d * d, axis=AXIS).to(tl.float64)
+
+
+@triton.jit
+def stats_kernel(x_ptr, n_ptr, mean_ptr, m2_ptr, R, L, ROWS_PER_CHUNK,
+                 CHANNEL_PER_ROW: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    if CHANNEL_PER_ROW:
+        # NCHW: a program summarises BLOCK_R whole planes; part r is plane r (its channel is r % C).
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        n = tl.zeros([BLOCK_R], tl.float64)
+        mean = tl.zeros([BLOCK_R], tl.float64)
+        m2 = tl.zeros([BLOCK_R], tl.float64)
+        for start in range(0, L, BLOCK_L):
+            cols = start + tl.arange(0, BLOCK_L)
+            mask = (rows < R)[:, None] & (cols < L)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * L + cols[None, :], mask=mask).to(ACC)
+            tile_n, tile_mean, tile_m2 = _tile_summary(x, mask, 1)
+            n, mean, m2 = _merge(n, mean, m2, tile_n, tile_mean, tile_m2)
+        parts = rows
+        part_mask = rows < R
+    else:
+        # channels_last: a program summarises ROWS_PER_CHUNK pixels of BLOCK_L channels; part (chunk, c) is
+        # at chunk * C + c.
+        col_blocks = tl.cdiv(L, BLOCK_L)
+        chunk = pid // col_blocks
+        cols = (pid % col_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+        stop = tl.minimum((chunk + 1) * ROWS_PER_CHUNK, R)
+        n = tl.zeros([BLOCK_L], tl.float64)
+        mean = tl.zeros([BLOCK_L], tl.float64)
+        m2 = tl.zeros([BLOCK_L], tl.float64)
+        for start in range(chunk * ROWS_PER_CHUNK, stop, BLOCK_R):
+            rows = start + tl.arange(0, BLOCK_R)
+            mask = (rows < stop)[:, None] & (cols < L)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * L + cols[None, :], mask=mask).to(ACC)
+            tile_n, tile_mean, tile_m2 = _tile_summary(x, mask, 0)
+            n, mean, m2 = _merge(n, mean, m2, tile_n, tile_mean, tile_m2)
+        parts = chunk * L + cols
+        part_mask = cols < L
+    tl.store(n_ptr + parts, n, mask=part_mask)
+    tl.store(mean_ptr + parts, mean, mask=part_mask)
+    tl.store(m2_ptr + parts, m2, mask=part_mask)
+
+
+@triton.jit
+def finalize_kernel(n_ptr, mean_ptr, m2_ptr, P, C, batch_mean_ptr, batch_var_ptr, running_mean_ptr,
+                    running_var_ptr, momentum, HAS_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """Merge the P parts of each of BLOCK_C channels (part p of channel c at p * C + c)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    total = tl.zeros([BLOCK_C], tl.float64)
+    weighted = tl.zeros([BLOCK_C], tl.float64)
+    for start in range(0, P, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        mask = (p < P)[:, None] & c_mask[None, :]
+        offsets = p[:, None] * C + c[None, :]
+        part_n = tl.load(n_ptr + offsets, mask=mask, other=0.0)
+        total += tl.sum(part_n, axis=0)
+        weighted += tl.sum(part_n * tl.load(mean_ptr + offsets, mask=mask, other=0.0), axis=0)
+    mean = weighted / tl.maximum(total, 1.0)  # masked-off channels have no parts
+    m2 = tl.zeros([BLOCK_C], tl.float64)
+    for start in range(0, P, BLOCK_P):  # M2 = sum of the parts' M2 + n_p * (mean_p - mean)^2
+        p = start + tl.arange(0, BLOCK_P)
+        mask = (p < P)[:, None] & c_mask[None, :]
+        offsets = p[:, None] * C + c[None, :]
+        d = tl.load(mean_ptr + offsets, mask=mask, other=0.0) - mean[None, :]
+        part_n = tl.load(n_ptr + offsets, mask=mask, other=0.0)
+        m2 += tl.sum(tl.load(m2_ptr + offsets, mask=mask, other=0.0) + part_n * d * d, axis=0)
+    tl.store(batch_mean_ptr + c, mean.to(batch_mean_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(batch_var_ptr + c, (m2 / tl.maximum(total, 1.0)).to(batch_var_ptr.dtype.element_ty), mask=c_mask)
+    if HAS_RUNNING:
+        # As PyTorch: the running variance takes the unbiased batch variance.
+        old_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(tl.float64)
+        old_var = tl.load(running_var_ptr + c, mask=c_mask).to(tl.float64)
+        new_mean = (1 - momentum) * old_mean + momentum * mean
+        new_var = (1 - momentum) * old_var + momentum * (m2 / tl.maximum(total - 1, 1.0))
+        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+
+
+def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
+    """Batch mean and biased variance per channel (float32; float64 for float64 input), and the running
+    statistics updated in place as PyTorch does (when given)."""
+    n, c, h, w = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if layout == "nchw":
+        rows, cols, parts = n * c, h * w, n
+        block_r, block_l, _ = default_config(rows, cols)
+        grid, rows_per_chunk = (triton.cdiv(rows, block_r),), rows
+    else:
+        rows, cols = n * h * w, c
+        block_l = min(triton.next_power_of_2(cols), 64)
+        block_r = max(TILE_ELEMENTS // block_l, 1)
+        parts = min(STATS_ROW_CHUNKS, triton.cdiv(rows, block_r))
+        rows_per_chunk = triton.cdiv(rows, parts)
+        grid = (parts * triton.cdiv(cols, block_l),)
+    summary = torch.empty(3, parts * c, device=x.device, dtype=torch.float64)
+    stats_kernel[grid](x, summary[0], summary[1], summary[2], rows, cols, rows_per_chunk,
+                       CHANNEL_PER_ROW=layout == "nchw", ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                       BLOCK_R=block_r, BLOCK_L=block_l)
+    mean = torch.empty(c, device=x.device, dtype=acc)
+    var = torch.empty_like(mean)
+    has_running = running_mean is not None
+    block_c = min(triton.next_power_of_2(c), 64)
+    finalize_kernel[(triton.cdiv(c, block_c),)](
+        summary[0], summary[1], summary[2], parts, c, mean, var,
+        running_mean if has_running else mean, running_var if has_running else var, momentum,
+        HAS_RUNNING=has_running, BLOCK_P=64, BLOCK_C=block_c)
+    return mean, var
