@@ -34,19 +34,19 @@ def load_sweep(paths) -> pd.DataFrame:
     return df
 
 
-def defaults(df, timing="do_bench"):
+def defaults(df, timing="do_bench", mode="eval"):
     """One row per (shape, dtype, layout, backend): the median over repeats of the default config."""
-    d = df[(df.config == "default") & (df.timing == timing)]
+    d = df[(df.config == "default") & (df.timing == timing) & (df["mode"] == mode)]
     keys = ["shape", "numel", "dtype", "layout", "backend"]
     return d.groupby(keys, as_index=False)[["median_ms", "p20_ms", "p80_ms", "copy_ms", "bytes", "gbps", "copy_gbps",
                                             "pct_of_copy", "datasheet_gbps"]].median()
 
 
-def device_times(df):
+def device_times(df, mode="eval"):
     """defaults() by CUDA-graph replay where a shape has it (tensors up to 64 MB), else by do_bench: the
     device's time, without the host's launch path that do_bench measures on small tensors."""
-    graph = defaults(df, "cudagraph")
-    bench = defaults(df)
+    graph = defaults(df, "cudagraph", mode)
+    bench = defaults(df, "do_bench", mode)
     keys = ["shape", "dtype", "layout", "backend"]
     timed = bench.set_index(keys).index.isin(graph.set_index(keys).index)
     return pd.concat([graph, bench[~timed]], ignore_index=True)
@@ -176,6 +176,23 @@ def ratios(df, out, name, numerators, denominators, title):
     save(out, name)
 
 
+def training(df, out):
+    """Training mode: % of the 3-pass roofline (x read twice, y written once, at the copy's bandwidth) vs bytes;
+    a forward that reads x once from memory can reach 150%."""
+    d = device_times(df, "train")
+    if d.empty:
+        return
+    for ax, dtype, layout, part in panels(d, "Training forward: % of the 3-pass roofline (device times)"):
+        for backend, g in part.groupby("backend"):
+            g = g.sort_values("bytes")
+            ax.plot(g.bytes, g.pct_of_copy, "o-", ms=3, color=COLORS.get(backend), label=backend)
+        ax.axhline(100, color="black", ls="--", lw=1, label="3 passes at copy speed")
+        ax.axhline(150, color="gray", ls=":", lw=1, label="2 passes at copy speed")
+        ax.set(xscale="log", title=f"{dtype}, {layout}", xlabel="bytes moved (3 passes)", ylabel="% of 3-pass roofline")
+    ax.legend(fontsize=7)
+    save(out, "training.png")
+
+
 def small_shape_latency(df, out):
     d = defaults(df, timing="cudagraph")
     gen = panels(d, "Device time per call by CUDA-graph replay (small shapes)")
@@ -222,6 +239,7 @@ def main(argv=None):
     ratios(df, args.out, "speedup.png", OURS, BASELINES,
            "Speed-up over PyTorch eager and torch.compile (CUDA graph up to 64 MB, do_bench above)")
     small_shape_latency(df, args.out)
+    training(df, args.out)
     build_times(args.build, args.out)
     with pd.option_context("display.width", 250, "display.max_columns", 20):
         print(headline(df))

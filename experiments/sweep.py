@@ -20,7 +20,7 @@ from tqdm import tqdm
 from experiments.environment import capture, clocks
 from experiments.shapes import PRESETS
 from kernels import CudaConfig, TritonConfig, batch_norm, bytes_moved
-from kernels.reference import batch_norm_error
+from kernels.reference import batch_norm_error, batch_stats_reference
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -34,7 +34,8 @@ DATASHEET_GBPS = [("A100-SXM4-40GB", 1555), ("A100-PCIE-40GB", 1555), ("A100", 2
 # largest shape, thousands of the smallest.
 WINDOW_MS = 40
 
-# Shapes at or under this many bytes moved are also timed by CUDA-graph replay, where launch gaps vanish.
+# Shapes moving at most this many bytes in eval mode are also timed by CUDA-graph replay, where launch gaps
+# vanish.
 GRAPH_BYTES = 64 << 20
 
 # Launch-parameter grids for the block-size heatmaps (with --grid: on the smoke shapes, or on all of --shapes).
@@ -66,19 +67,20 @@ def time_ms(fn, timing: str):
     return triton.testing.do_bench(fn, warmup=WINDOW_MS // 4, rep=WINDOW_MS, quantiles=[0.5, 0.2, 0.8])
 
 
-def make_fn(backend, config, x, params):
-    """A no-argument callable running one eval-mode forward on `backend`."""
+def make_fn(backend, config, x, params, training: bool):
+    """A no-argument callable running one forward on `backend`; in training mode params' mean and var are the
+    running statistics, updated by every call."""
     if backend == "torch":
-        return lambda: F.batch_norm(x, *params)
+        return lambda: F.batch_norm(x, *params, training=training)
     if backend == "torch_nocudnn":
         def fn():
             with torch.backends.cudnn.flags(enabled=False):
-                return F.batch_norm(x, *params)
+                return F.batch_norm(x, *params, training=training)
         return fn
     if backend == "torch_compile":
-        compiled = torch.compile(lambda x, m, v, w, b: F.batch_norm(x, m, v, w, b), dynamic=False)
+        compiled = torch.compile(lambda x, m, v, w, b: F.batch_norm(x, m, v, w, b, training=training), dynamic=False)
         return lambda: compiled(x, *params)
-    return lambda: batch_norm(x, *params, backend=backend, config=config)
+    return lambda: batch_norm(x, *params, training=training, backend=backend, config=config)
 
 
 def parse_shape(text: str):
@@ -89,18 +91,20 @@ def parse_shape(text: str):
 
 
 def points(args):
-    """(shape, dtype, layout, backend, config) in sweep order; configs other than the default only on grid shapes."""
+    """(shape, dtype, layout, backend, config, mode) in sweep order; configs other than the default only on grid
+    shapes in eval mode; the naive kernel in eval mode only."""
     shapes = args.shapes or PRESETS[args.preset]
     part, parts = map(int, args.part.split("/"))
     shapes = shapes[part - 1::parts]
-    for shape, dtype, layout, backend in itertools.product(shapes, args.dtypes, args.layouts, args.backends):
-        if backend == "cuda_naive" and layout != "nchw":
+    for shape, dtype, layout, mode, backend in itertools.product(shapes, args.dtypes, args.layouts, args.modes,
+                                                                 args.backends):
+        if backend == "cuda_naive" and (layout != "nchw" or mode != "eval"):
             continue
         configs = [None]
-        if args.grid and (shape in PRESETS["smoke"] or args.shapes):
+        if args.grid and mode == "eval" and (shape in PRESETS["smoke"] or args.shapes):
             configs += {"cuda": CUDA_GRID, "triton": TRITON_GRID}.get(backend, [])
         for config in configs:
-            yield shape, dtype, layout, backend, config
+            yield shape, dtype, layout, backend, config, mode
 
 
 def main(argv=None):
@@ -111,6 +115,8 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=BACKENDS)
+    parser.add_argument("--modes", nargs="+", choices=["eval", "train"], default=["eval"],
+                        help="train: batch statistics, timed against the 3-pass roofline")
     parser.add_argument("--grid", action="store_true",
                         help="also sweep launch configs (on the smoke shapes, or on all of --shapes)")
     parser.add_argument("--repeats", type=int, default=1, help="independent timings of each point (error bars)")
@@ -133,14 +139,16 @@ def main(argv=None):
             writer.writeheader()
         todo = list(points(args))
         copies = {}
-        for shape, dtype_name, layout, backend, config in tqdm(todo, desc="sweep", mininterval=5):
-            nbytes = bytes_moved(shape, DTYPES[dtype_name])
+        for shape, dtype_name, layout, backend, config, mode in tqdm(todo, desc="sweep", mininterval=5):
+            training = mode == "train"
+            copy_bytes = bytes_moved(shape, DTYPES[dtype_name])
+            nbytes = bytes_moved(shape, DTYPES[dtype_name], training=training)
             if args.device == "cpu":
                 timings = ["cpu_wallclock"]
             else:
-                timings = ["do_bench", "cudagraph"] if nbytes <= GRAPH_BYTES else ["do_bench"]
+                timings = ["do_bench", "cudagraph"] if copy_bytes <= GRAPH_BYTES else ["do_bench"]
             config_str = "default" if config is None else repr(config)
-            rows = [dict(mode="eval", n=shape[0], c=shape[1], h=shape[2], w=shape[3], dtype=dtype_name,
+            rows = [dict(mode=mode, n=shape[0], c=shape[1], h=shape[2], w=shape[3], dtype=dtype_name,
                          layout=layout, backend=backend, config=config_str, timing=timing, repeat=repeat)
                     for timing, repeat in itertools.product(timings, range(args.repeats))]
             rows = [row for row in rows if tuple(str(row[k]) for k in KEY) not in done]
@@ -149,8 +157,9 @@ def main(argv=None):
             x = torch.randn(shape, device=args.device).to(DTYPES[dtype_name]).contiguous(memory_format=LAYOUTS[layout])
             params = (torch.randn(shape[1], device=args.device), torch.rand(shape[1], device=args.device) + 0.5,
                       torch.randn(shape[1], device=args.device), torch.randn(shape[1], device=args.device))
-            fn = make_fn(backend, config, x, params)
-            error = batch_norm_error(fn(), x, *params)
+            fn = make_fn(backend, config, x, params, training)
+            stats = batch_stats_reference(x) if training else params[:2]
+            error = batch_norm_error(fn(), x, *stats, *params[2:])
             for row in rows:
                 copy_key = (shape, dtype_name, layout, row["timing"], row["repeat"])
                 if copy_key not in copies:
@@ -158,9 +167,10 @@ def main(argv=None):
                     copies[copy_key] = time_ms(lambda: y.copy_(x), row["timing"])[0]
                 median, p20, p80 = time_ms(fn, row["timing"])
                 copy_ms = copies[copy_key]
+                roof_ms = copy_ms * nbytes / copy_bytes  # the forward's bytes at the copy's bandwidth
                 row.update(env)
                 row.update(median_ms=median, p20_ms=p20, p80_ms=p80, bytes=nbytes, gbps=nbytes / median / 1e6,
-                           copy_ms=copy_ms, copy_gbps=nbytes / copy_ms / 1e6, pct_of_copy=100 * copy_ms / median,
+                           copy_ms=copy_ms, copy_gbps=copy_bytes / copy_ms / 1e6, pct_of_copy=100 * roof_ms / median,
                            datasheet_gbps=peak, rel_error=error, **clocks())  # the clocks just after the timing
                 writer.writerow(row)
                 f.flush()
@@ -176,7 +186,8 @@ def summary(path: Path):
 
     df = load_sweep([path])
     df = df[(df.config == "default") & (df.timing != "cudagraph")]
-    table = df.pivot_table(index=["shape", "dtype", "layout"], columns="backend", values="pct_of_copy", aggfunc="median")
+    table = df.pivot_table(index=["mode", "shape", "dtype", "layout"], columns="backend", values="pct_of_copy",
+                           aggfunc="median")
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.0f}".format):
         print(f"% of copy bandwidth ({path}):")
         print(table)

@@ -83,10 +83,12 @@ def _normalize(input, mean, var, weight, bias, eps, backend, config, out):
     return out
 
 
-def bytes_moved(shape, dtype, param_bytes: int = 4) -> int:
-    """The fewest bytes an eval-mode forward moves: x read once, y written once, four per-channel vectors."""
+def bytes_moved(shape, dtype, param_bytes: int = 4, training: bool = False) -> int:
+    """The bytes a forward moves: x read once and y written once, plus four per-channel vectors; in training
+    x is read twice (statistics, then normalisation) unless it stays on chip in between."""
     n, c, h, w = shape
-    return 2 * n * c * h * w * torch.empty((), dtype=dtype).element_size() + 4 * c * param_bytes
+    passes = 3 if training else 2
+    return passes * n * c * h * w * torch.empty((), dtype=dtype).element_size() + 4 * c * param_bytes
 
 
 def output_like(input: Tensor, backend: str = "cuda") -> Tensor:

@@ -46,13 +46,25 @@ def test_sweep_writes_the_schema_and_resumes(tmp_path, capsys):
     assert len(list(csv.DictReader(out.open()))) == len(rows)
 
 
+def test_sweep_times_training_mode(tmp_path):
+    out = tmp_path / "sweep.csv"
+    sweep.main(["--device", "cpu", "--shapes", "2x8x5x5", "--backends", "triton", "torch", "cuda_naive",
+                "--dtypes", "float32", "--modes", "eval", "train", "--out", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    train = [r for r in rows if r["mode"] == "train"]
+    assert {r["backend"] for r in train} == {"triton", "torch"}  # the naive kernel is eval-only
+    assert all(float(r["rel_error"]) < 1e-6 for r in rows)
+    eval_bytes = {int(r["bytes"]) for r in rows if r["mode"] == "eval"}
+    assert {int(r["bytes"]) for r in train} == {b + 2 * 8 * 25 * 4 for b in eval_bytes}  # x read a second time
+
+
 def test_every_figure_from_the_fixture(tmp_path):
     plot.main(["--sweep", str(DATA / "sweep_fixture.csv"), "--build", str(DATA / "build_cost_fixture.csv"),
                "--out", str(tmp_path)])
     made = {p.name for p in tmp_path.glob("*.png")}
     tuned = {row["backend"] for row in csv.DictReader((DATA / "sweep_fixture.csv").open()) if row["config"] != "default"}
     assert made == {"bandwidth.png", "roofline.png", "cuda_vs_triton.png", "speedup.png", "small_shape_latency.png",
-                    "build_times.png"} | {f"heatmap_{backend}.png" for backend in tuned}
+                    "build_times.png", "training.png"} | {f"heatmap_{backend}.png" for backend in tuned}
 
 
 def test_host_overhead_writes_one_row_per_call(tmp_path):
