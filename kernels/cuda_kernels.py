@@ -60,10 +60,34 @@ cudaError_t launch_nchw(const Launch& l);
 cudaError_t launch_channels_last(const Launch& l);
 cudaError_t launch_naive(const Launch& l);
 
+// Training mode's batch statistics. A stats kernel summarises `parts` pieces of each channel as (count, mean,
+// M2) in `summary` (three arrays of parts * channels doubles, piece p of channel c at p * channels + c); a
+// finalize kernel merges each channel's pieces into its mean and biased variance (float32, float64 for
+// float64 input) and updates the running statistics (float32 or the input's dtype; null: none).
+struct StatsLaunch {
+  DType dtype;
+  const void* x;
+  int64_t numel, channels, plane;
+  bool channels_last;
+  bool vectorized;
+  double* summary;
+  void* mean;
+  void* var;
+  void* running_mean;
+  void* running_var;
+  bool running_fp32;
+  double momentum;
+  cudaStream_t stream;
+};
+
+int64_t stats_parts(const StatsLaunch& l);
+cudaError_t launch_stats(const StatsLaunch& l);
+
 }  // namespace bn2d
 """
 
 CUDA_SOURCE = COMMON + r"""
+#include <algorithm>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -88,6 +112,7 @@ __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ void from_acc(float v, float& out) { out = v; }
 __device__ __forceinline__ void from_acc(double v, double& out) { out = v; }
+__device__ __forceinline__ void from_acc(double v, float& out) { out = float(v); }
 __device__ __forceinline__ void from_acc(float v, __half& out) { out = __float2half_rn(v); }
 __device__ __forceinline__ void from_acc(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
 
@@ -283,6 +308,166 @@ __global__ void naive_kernel(const scalar_t* x, scalar_t* y, const Params p, int
   }
 }
 
+// Training mode. A summary (count, mean, M2) of a batch of values is merged into a running one with Chan et
+// al.'s formula: no sum of squares, so the variance survives a mean far larger than the spread, and the
+// pieces of a channel merge in float64.
+template <typename acc_t> struct Summary { acc_t n, mean, m2; };
+
+template <typename acc_t>
+__device__ __forceinline__ Summary<acc_t> merge(const Summary<acc_t>& a, const Summary<acc_t>& b) {
+  const acc_t n = a.n + b.n;
+  const acc_t delta = b.mean - a.mean;
+  const acc_t w = n > acc_t(0) ? b.n / n : acc_t(0);
+  return {n, a.mean + delta * w, a.m2 + b.m2 + delta * delta * a.n * w};
+}
+
+// The summary of the first k of K values (k > 0), two passes over registers.
+template <typename acc_t, int K>
+__device__ __forceinline__ Summary<acc_t> summarize(const acc_t (&v)[K], int k) {
+  acc_t sum = 0;
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+    if (i < k) sum += v[i];
+  const acc_t mean = sum / acc_t(k);
+  acc_t m2 = 0;
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+    if (i < k) m2 += (v[i] - mean) * (v[i] - mean);
+  return {acc_t(k), mean, m2};
+}
+
+constexpr int STATS_THREADS = 256;
+
+// A block's summaries, `width` columns by `height` rows (a power of two) in `table`, merged down the rows
+// into row 0; thread (x, y) wrote column x of row y.
+template <typename acc_t>
+__device__ void merge_rows(Summary<acc_t>* table, int width, int height) {
+  const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int half = height / 2; half > 0; half /= 2) {
+    __syncthreads();
+    for (int k = thread; k < half * width; k += blockDim.x * blockDim.y) table[k] = merge(table[k], table[k + half * width]);
+  }
+  __syncthreads();
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void store_part(double* summary, int64_t stride, int64_t at, const Summary<acc_t>& s) {
+  summary[at] = s.n;
+  summary[stride + at] = s.mean;
+  summary[2 * stride + at] = s.m2;
+}
+
+// Contiguous NCHW: channel c is N planes of `plane_vecs` vectors; block (c, part) summarises vectors
+// [part * chunk, (part + 1) * chunk) of the channel's N * plane_vecs, threads striding through them with
+// UNROLL loads in flight.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(STATS_THREADS, 2) nchw_stats_kernel(const scalar_t* __restrict__ x, double* __restrict__ summary,
+                                  int64_t batch, int64_t channels, int64_t plane_vecs, FastDiv plane_div, int64_t parts,
+                                  int64_t chunk) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using vec_t = Vec<scalar_t, VEC>;
+  const int64_t c = blockIdx.x / parts, part = blockIdx.x % parts;
+  const int64_t units = batch * plane_vecs;
+  const int64_t end = min(units, (part + 1) * chunk);
+  const bool narrow = units < (int64_t(1) << 31);
+  const vec_t* xv = reinterpret_cast<const vec_t*>(x);
+  Summary<acc_t> s{0, 0, 0};
+  for (int64_t base = part * chunk + threadIdx.x; base < end; base += int64_t(blockDim.x) * UNROLL) {
+    vec_t in[UNROLL];
+    int valid = 0;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int64_t i = base + u * blockDim.x;
+      if (i < end) {
+        const int64_t n = narrow ? int64_t(plane_div(uint32_t(i))) : i / plane_vecs;
+        in[u] = xv[(n * channels + c) * plane_vecs + (i - n * plane_vecs)];
+        ++valid;
+      }
+    }
+    acc_t v[UNROLL * VEC];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[u * VEC + j] = to_acc(in[u].v[j]);
+    s = merge(s, summarize(v, valid * VEC));
+  }
+  Summary<acc_t>* table = reinterpret_cast<Summary<acc_t>*>(shared_table);
+  table[threadIdx.x] = s;
+  merge_rows(table, 1, blockDim.x);
+  if (threadIdx.x == 0) store_part(summary, parts * channels, part * channels + c, table[0]);
+}
+
+// NHWC: thread (tx, ty) of block (bx, by) owns channels c0 .. c0 + VEC - 1 as channels_last_kernel does, and
+// visits rows by * blockDim.y + ty, then every gridDim.y * blockDim.y-th; row by of the summary is block
+// row by's piece.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(STATS_THREADS, 2) channels_last_stats_kernel(const scalar_t* __restrict__ x,
+                                           double* __restrict__ summary, int64_t rows, int64_t channels) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using vec_t = Vec<scalar_t, VEC>;
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  const int64_t step = int64_t(gridDim.y) * blockDim.y;
+  Summary<acc_t> s[VEC] = {};
+  for (int64_t base = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; c0 < channels && base < rows; base += step * UNROLL) {
+    vec_t in[UNROLL];
+    int valid = 0;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int64_t r = base + u * step;
+      if (r < rows) {
+        in[u] = *reinterpret_cast<const vec_t*>(x + r * channels + c0);
+        ++valid;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      acc_t v[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) v[u] = to_acc(in[u].v[j]);
+      s[j] = merge(s[j], summarize(v, valid));
+    }
+  }
+  Summary<acc_t>* table = reinterpret_cast<Summary<acc_t>*>(shared_table);
+  const int width = blockDim.x * VEC;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) table[threadIdx.y * width + threadIdx.x * VEC + j] = s[j];
+  merge_rows(table, width, blockDim.y);
+  const int64_t parts = gridDim.y;
+  for (int k = threadIdx.y * blockDim.x + threadIdx.x; k < width; k += blockDim.x * blockDim.y) {
+    const int64_t c = int64_t(blockIdx.x) * width + k;
+    if (c < channels) store_part(summary, parts * channels, blockIdx.y * channels + c, table[k]);
+  }
+}
+
+// A warp per channel merges its `parts` pieces, writes the batch mean and biased variance and, as PyTorch
+// does, moves the running statistics towards the batch's with the unbiased variance.
+template <typename acc_t, typename running_t>
+__global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_t parts, int64_t channels,
+                                      acc_t* mean, acc_t* var, running_t* running_mean, running_t* running_var,
+                                      double momentum) {
+  const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= channels) return;
+  const int64_t stride = parts * channels;
+  Summary<double> s{0, 0, 0};
+  for (int64_t p = lane; p < parts; p += 32) {
+    const int64_t at = p * channels + c;
+    s = merge(s, Summary<double>{summary[at], summary[stride + at], summary[2 * stride + at]});
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    s = merge(s, Summary<double>{__shfl_xor_sync(0xffffffff, s.n, offset), __shfl_xor_sync(0xffffffff, s.mean, offset),
+                                 __shfl_xor_sync(0xffffffff, s.m2, offset)});
+  if (lane != 0) return;
+  mean[c] = acc_t(s.mean);
+  var[c] = acc_t(s.m2 / s.n);
+  if (running_mean != nullptr) {
+    double old_mean = to_acc(running_mean[c]), old_var = to_acc(running_var[c]);
+    from_acc(acc_t((1 - momentum) * old_mean + momentum * s.mean), running_mean[c]);
+    from_acc(acc_t((1 - momentum) * old_var + momentum * s.m2 / max(s.n - 1, 1.0)), running_var[c]);
+  }
+}
+
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t cap_blocks(int64_t blocks, int64_t max_blocks) {
@@ -291,6 +476,14 @@ int64_t cap_blocks(int64_t blocks, int64_t max_blocks) {
 }
 
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % VEC_BYTES == 0; }
+
+// Threads along a row of `vectors` channel vectors: a power of two, at most a warp and at most `threads`.
+int64_t row_threads(int64_t vectors, int64_t threads) {
+  int64_t tx = 1;
+  while (tx < vectors && tx < MAX_ROW_THREADS && tx < threads) tx *= 2;
+  return tx;
+}
+
 
 // Dynamic shared memory beyond the default 48 KB must be asked for (big blocks on 2- to 5-element planes).
 template <typename Kernel>
@@ -336,8 +529,7 @@ cudaError_t channels_last_launch(const Launch& l) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t rows = l.numel / l.channels;
   const int64_t vectors = cdiv(l.channels, VEC);
-  int64_t tx = 1;
-  while (tx < vectors && tx < MAX_ROW_THREADS && tx < l.threads) tx *= 2;
+  const int64_t tx = row_threads(vectors, l.threads);
   const int64_t ty = std::max<int64_t>(l.threads / tx, 1);
   const int64_t gx = cdiv(vectors, tx);
   const int64_t gy = cap_blocks(std::min<int64_t>(cdiv(rows, ty * UNROLL), 65535), l.max_blocks > 0 ? cdiv(l.max_blocks, gx) : 0);
@@ -362,6 +554,71 @@ cudaError_t naive_typed(const Launch& l) {
   return cudaGetLastError();
 }
 
+// The statistics kernels' grid: about one block per STATS_THREADS thread slots of the GPU, so the whole
+// tensor is read in one wave, each block summarising one piece of its channels.
+struct StatsGrid {
+  int vec;
+  int64_t tx, ty, gx, parts, chunk;
+};
+
+int element_size(DType dtype) {
+  return dtype == DType::Double ? 8 : dtype == DType::Float ? 4 : 2;
+}
+
+StatsGrid stats_grid(const StatsLaunch& l) {
+  int device = 0, sms = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t blocks = int64_t(sms) * (2048 / STATS_THREADS);
+  const int full = VEC_BYTES / element_size(l.dtype);
+  if (!l.channels_last) {
+    const int vec = l.vectorized && aligned(l.x) && l.plane % full == 0 ? full : 1;
+    const int64_t units = l.numel / l.channels / vec;
+    const int64_t parts = std::max<int64_t>(std::min(cdiv(blocks, l.channels), cdiv(units, STATS_THREADS * UNROLL)), 1);
+    return {vec, STATS_THREADS, 1, l.channels, parts, cdiv(units, parts)};
+  }
+  const int vec = l.vectorized && aligned(l.x) && l.channels % full == 0 ? full : 1;
+  const int64_t tx = row_threads(cdiv(l.channels, vec), STATS_THREADS), ty = STATS_THREADS / tx;
+  const int64_t gx = cdiv(cdiv(l.channels, vec), tx);
+  const int64_t rows = l.numel / l.channels;
+  const int64_t parts = std::max<int64_t>(std::min({cdiv(blocks, gx), cdiv(rows, ty * UNROLL), int64_t(65535)}), 1);
+  return {vec, tx, ty, gx, parts, 0};
+}
+
+template <typename scalar_t, int VEC>
+cudaError_t stats_kernel_launch(const StatsLaunch& l, const StatsGrid& g) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const size_t shared = size_t(STATS_THREADS) * VEC * sizeof(Summary<acc_t>);
+  if (l.channels_last) {
+    channels_last_stats_kernel<scalar_t, VEC><<<dim3(g.gx, g.parts), dim3(g.tx, g.ty), shared, l.stream>>>(
+        static_cast<const scalar_t*>(l.x), l.summary, l.numel / l.channels, l.channels);
+  } else {
+    const int64_t plane_vecs = l.plane / VEC, batch = l.numel / l.channels / l.plane;
+    nchw_stats_kernel<scalar_t, VEC><<<g.gx * g.parts, STATS_THREADS, shared, l.stream>>>(
+        static_cast<const scalar_t*>(l.x), l.summary, batch, l.channels, plane_vecs,
+        make_fast_div(uint32_t(std::min<int64_t>(plane_vecs, INT32_MAX))), g.parts, g.chunk);
+  }
+  return cudaGetLastError();
+}
+
+template <typename scalar_t, typename running_t>
+cudaError_t finalize_launch(const StatsLaunch& l, int64_t parts) {
+  using acc_t = typename Acc<scalar_t>::type;
+  finalize_stats_kernel<acc_t, running_t><<<cdiv(l.channels * 32, 256), 256, 0, l.stream>>>(
+      l.summary, parts, l.channels, static_cast<acc_t*>(l.mean), static_cast<acc_t*>(l.var),
+      static_cast<running_t*>(l.running_mean), static_cast<running_t*>(l.running_var), l.momentum);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t stats_typed(const StatsLaunch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  const StatsGrid g = stats_grid(l);
+  const cudaError_t error = g.vec == VEC ? stats_kernel_launch<scalar_t, VEC>(l, g) : stats_kernel_launch<scalar_t, 1>(l, g);
+  if (error != cudaSuccess) return error;
+  return l.running_fp32 ? finalize_launch<scalar_t, float>(l, g.parts) : finalize_launch<scalar_t, scalar_t>(l, g.parts);
+}
+
 #define BN2D_DISPATCH(dtype, fn, l)                        \
   switch (dtype) {                                       \
     case DType::Float: return fn<float>(l);              \
@@ -376,6 +633,8 @@ cudaError_t naive_typed(const Launch& l) {
 cudaError_t launch_nchw(const Launch& l) { BN2D_DISPATCH(l.dtype, nchw_typed, l); }
 cudaError_t launch_channels_last(const Launch& l) { BN2D_DISPATCH(l.dtype, channels_last_typed, l); }
 cudaError_t launch_naive(const Launch& l) { BN2D_DISPATCH(l.dtype, naive_typed, l); }
+int64_t stats_parts(const StatsLaunch& l) { return stats_grid(l).parts; }
+cudaError_t launch_stats(const StatsLaunch& l) { BN2D_DISPATCH(l.dtype, stats_typed, l); }
 
 }  // namespace bn2d
 """
@@ -383,6 +642,7 @@ cudaError_t launch_naive(const Launch& l) { BN2D_DISPATCH(l.dtype, naive_typed, 
 # The tensor-facing side: checks, dtype, the current stream and device, and the bound functions.
 CPP_SOURCE = COMMON + r"""
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/Exceptions.h>
@@ -483,9 +743,37 @@ std::string naive(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Te
                                            std::to_string(x.numel()) + " elements (at most 2^31 - 1)");
   return run(bn2d::launch_naive, x, y, weight, bias, mean, var, eps, 256, false, 0);
 }
+
+// Training mode: the batch mean and biased variance of each channel of x into `mean` and `var` (float32,
+// float64 for float64 input), and the running statistics updated in place (when given).
+std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
+                        const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                        double momentum, bool channels_last) {
+  if (auto error = check(x, x, c10::nullopt, c10::nullopt, mean, var, 32); !error.empty()) return error;
+  if (auto error = check_pair(x, running_mean, running_var); !error.empty()) return error;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  BN2D_REQUIRE(mean.scalar_type() == acc && var.scalar_type() == acc,
+               "batch mean and variance must be float32 (float64 for float64 input)");
+  BN2D_REQUIRE(running_mean.has_value() == running_var.has_value(), "give both running statistics or neither");
+  BN2D_REQUIRE(x.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
+               "the input's memory layout does not match `channels_last`");
+  BN2D_REQUIRE(x.numel() > x.size(1), "training needs more than one value per channel");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool pixels = x.size(2) * x.size(3) == 1;  // 1x1 planes: NCHW is NHWC
+  bn2d::StatsLaunch launch{dtype_of(x), x.data_ptr(), x.numel(), x.size(1), x.size(2) * x.size(3),
+                           channels_last || pixels, true, nullptr, mean.data_ptr(), var.data_ptr(),
+                           running_mean.has_value() ? running_mean->data_ptr() : nullptr,
+                           running_var.has_value() ? running_var->data_ptr() : nullptr,
+                           running_mean.has_value() && running_mean->scalar_type() == at::kFloat, momentum,
+                           c10::cuda::getCurrentCUDAStream().stream()};
+  const at::Tensor summary = at::empty({3 * bn2d::stats_parts(launch) * x.size(1)}, x.options().dtype(at::kDouble));
+  launch.summary = summary.data_ptr<double>();
+  const cudaError_t error = bn2d::launch_stats(launch);
+  return error == cudaSuccess ? "" : std::string("bn2d: kernel launch failed: ") + cudaGetErrorString(error);
+}
 """
 
-FUNCTIONS = ["nchw", "channels_last", "naive"]
+FUNCTIONS = ["nchw", "channels_last", "naive", "batch_stats"]
 
 
 class CudaConfig(NamedTuple):
@@ -551,6 +839,18 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
         error = getattr(m, layout)(x, y, weight, bias, mean, var, eps, threads, bool(vectorized), max_blocks)
     if error:
         raise RuntimeError(error)
+
+
+def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
+    """Batch mean and biased variance per channel (float32; float64 for float64 input), and the running
+    statistics updated in place as PyTorch does (when given)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean = torch.empty(x.size(1), device=x.device, dtype=acc)
+    var = torch.empty_like(mean)
+    error = module().batch_stats(x, mean, var, running_mean, running_var, momentum, layout == "channels_last")
+    if error:
+        raise RuntimeError(error)
+    return mean, var
 
 
 _sm_counts = {}

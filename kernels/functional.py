@@ -183,11 +183,12 @@ else:  # older PyTorch: autograd only; torch.compile sees a graph break
 def _batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                  backend: str):
     """Batch mean and biased variance (float32, float64 for float64 input); updates the running statistics
-    with the unbiased variance, as PyTorch does. On the Triton backend by its kernels, unless x needs a
-    gradient (then by PyTorch ops, which autograd differentiates)."""
-    if backend == "triton" and not (torch.is_grad_enabled() and x.requires_grad):
+    with the unbiased variance, as PyTorch does. By the backend's kernels, unless x needs a gradient (then by
+    PyTorch ops, which autograd differentiates) or the backend is the naive kernel (eval only)."""
+    if backend != "cuda_naive" and not (torch.is_grad_enabled() and x.requires_grad):
         x, layout = _layout(x, backend)
-        return triton_kernels.batch_stats(x, layout, running_mean, running_var, momentum)
+        kernels = triton_kernels if backend == "triton" else cuda_kernels
+        return kernels.batch_stats(x, layout, running_mean, running_var, momentum)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
     if running_mean is not None:
