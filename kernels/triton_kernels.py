@@ -136,23 +136,28 @@ def _tile_summary(x, mask, AXIS: tl.constexpr):
 
 
 @triton.jit
-def stats_kernel(x_ptr, n_ptr, mean_ptr, m2_ptr, R, L, ROWS_PER_CHUNK,
+def stats_kernel(x_ptr, n_ptr, mean_ptr, m2_ptr, R, L, C, ROWS_PER_CHUNK,
                  CHANNEL_PER_ROW: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     if CHANNEL_PER_ROW:
-        # NCHW: a program summarises BLOCK_R whole planes; part r is plane r (its channel is r % C).
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        n = tl.zeros([BLOCK_R], tl.float64)
-        mean = tl.zeros([BLOCK_R], tl.float64)
-        m2 = tl.zeros([BLOCK_R], tl.float64)
+        # NCHW: a program summarises BLOCK_R planes of one channel (rows b * C + c of the R = N * C planes);
+        # part (b, c) is at b * C + c.
+        c = pid % C
+        block = pid // C
+        batch = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = batch * C + c
+        n = tl.zeros([], tl.float64)
+        mean = tl.zeros([], tl.float64)
+        m2 = tl.zeros([], tl.float64)
         for start in range(0, L, BLOCK_L):
             cols = start + tl.arange(0, BLOCK_L)
             mask = (rows < R)[:, None] & (cols < L)[None, :]
             x = tl.load(x_ptr + rows[:, None] * L + cols[None, :], mask=mask).to(ACC)
-            tile_n, tile_mean, tile_m2 = _tile_summary(x, mask, 1)
+            tile_n, tile_mean, tile_m2 = _tile_summary(tl.reshape(x, [BLOCK_R * BLOCK_L]),
+                                                       tl.reshape(mask, [BLOCK_R * BLOCK_L]), 0)
             n, mean, m2 = _merge(n, mean, m2, tile_n, tile_mean, tile_m2)
-        parts = rows
-        part_mask = rows < R
+        parts = block * C + c
+        part_mask = True
     else:
         # channels_last: a program summarises ROWS_PER_CHUNK pixels of BLOCK_L channels; part (chunk, c) is
         # at chunk * C + c.
@@ -219,9 +224,10 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
     n, c, h, w = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if layout == "nchw":
-        rows, cols, parts = n * c, h * w, n
-        block_r, block_l, _ = default_config(rows, cols)
-        grid, rows_per_chunk = (triton.cdiv(rows, block_r),), rows
+        rows, cols = n * c, h * w
+        block_r, block_l, _ = default_config(n, cols)  # a tile of planes of one channel
+        parts = triton.cdiv(n, block_r)
+        grid, rows_per_chunk = (parts * c,), rows
     else:
         rows, cols = n * h * w, c
         block_l = min(triton.next_power_of_2(cols), 64)
@@ -230,7 +236,7 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
         rows_per_chunk = triton.cdiv(rows, parts)
         grid = (parts * triton.cdiv(cols, block_l),)
     summary = torch.empty(3, parts * c, device=x.device, dtype=torch.float64)
-    stats_kernel[grid](x, summary[0], summary[1], summary[2], rows, cols, rows_per_chunk,
+    stats_kernel[grid](x, summary[0], summary[1], summary[2], rows, cols, c, rows_per_chunk,
                        CHANNEL_PER_ROW=layout == "nchw", ACC=tl.float64 if acc == torch.float64 else tl.float32,
                        BLOCK_R=block_r, BLOCK_L=block_l)
     mean = torch.empty(c, device=x.device, dtype=acc)
