@@ -64,9 +64,14 @@ cudaError_t launch_naive(const Launch& l);
 // M2) in `summary` (three arrays of parts * channels doubles, piece p of channel c at p * channels + c); a
 // finalize kernel merges each channel's pieces into its mean and biased variance (float32, float64 for
 // float64 input) and updates the running statistics (float32 or the input's dtype; null: none).
+// `fused`: the training forward in one kernel (NCHW, 16-byte aligned, whole vectors per plane) that also
+// writes y = x normalised with `params` (whose mean and var it ignores).
 struct StatsLaunch {
   DType dtype;
   const void* x;
+  void* y;
+  Params params;
+  bool fused;
   int64_t numel, channels, plane;
   bool channels_last;
   bool vectorized;
@@ -88,6 +93,7 @@ cudaError_t launch_stats(const StatsLaunch& l);
 
 CUDA_SOURCE = COMMON + r"""
 #include <algorithm>
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -112,7 +118,6 @@ __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ void from_acc(float v, float& out) { out = v; }
 __device__ __forceinline__ void from_acc(double v, double& out) { out = v; }
-__device__ __forceinline__ void from_acc(double v, float& out) { out = float(v); }
 __device__ __forceinline__ void from_acc(float v, __half& out) { out = __float2half_rn(v); }
 __device__ __forceinline__ void from_acc(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
 
@@ -125,15 +130,19 @@ template <typename acc_t> struct Affine { acc_t scale, shift; };
 
 // y = x * scale + shift with scale = weight / sqrt(var + eps) and shift = bias - mean * scale.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ Affine<acc_t> channel_affine(const Params& p, int64_t c) {
-  const acc_t mean = load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, c);
-  const acc_t var = load_param<scalar_t, acc_t>(p.var, p.stats_fp32, c);
+__device__ __forceinline__ Affine<acc_t> affine_of(const Params& p, int64_t c, acc_t mean, acc_t var) {
   const acc_t weight = load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, c);
   const acc_t bias = load_param<scalar_t, acc_t>(p.bias, p.affine_fp32, c);
   // rsqrt: one MUFU instruction in float32 (within 2 ulp); a division and a square root would each add a
   // branch to a slow path, and no load moves across a branch.
   const acc_t scale = (p.has_weight ? weight : acc_t(1)) * rsqrt(var + static_cast<acc_t>(p.eps));
   return {scale, (p.has_bias ? bias : acc_t(0)) - mean * scale};
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ Affine<acc_t> channel_affine(const Params& p, int64_t c) {
+  return affine_of<scalar_t, acc_t>(p, c, load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, c),
+                                    load_param<scalar_t, acc_t>(p.var, p.stats_fp32, c));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -439,12 +448,40 @@ __global__ void __launch_bounds__(STATS_THREADS, 2) channels_last_stats_kernel(c
   }
 }
 
-// A warp per channel merges its `parts` pieces, writes the batch mean and biased variance and, as PyTorch
-// does, moves the running statistics towards the batch's with the unbiased variance.
-template <typename acc_t, typename running_t>
+template <typename acc_t>
+__device__ __forceinline__ Summary<acc_t> warp_merge(Summary<acc_t> s) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    s = merge(s, Summary<acc_t>{__shfl_xor_sync(0xffffffff, s.n, offset), __shfl_xor_sync(0xffffffff, s.mean, offset),
+                                __shfl_xor_sync(0xffffffff, s.m2, offset)});
+  return s;
+}
+
+// As PyTorch does: the running statistics (float32 or the input's dtype) move towards the batch's, the
+// variance with Bessel's correction.
+template <typename scalar_t>
+__device__ __forceinline__ void update_running(void* running_mean, void* running_var, bool fp32, int64_t c,
+                                               const Summary<double>& s, double momentum) {
+  const double var = s.m2 / max(s.n - 1, 1.0);
+  if (fp32) {
+    float* m = static_cast<float*>(running_mean);
+    float* v = static_cast<float*>(running_var);
+    m[c] = float((1 - momentum) * m[c] + momentum * s.mean);
+    v[c] = float((1 - momentum) * v[c] + momentum * var);
+  } else {
+    scalar_t* m = static_cast<scalar_t*>(running_mean);
+    scalar_t* v = static_cast<scalar_t*>(running_var);
+    from_acc(typename Acc<scalar_t>::type((1 - momentum) * to_acc(m[c]) + momentum * s.mean), m[c]);
+    from_acc(typename Acc<scalar_t>::type((1 - momentum) * to_acc(v[c]) + momentum * var), v[c]);
+  }
+}
+
+// A warp per channel merges the channel's `parts` pieces, writes the batch mean and biased variance, and
+// updates the running statistics (when given).
+template <typename scalar_t>
 __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_t parts, int64_t channels,
-                                      acc_t* mean, acc_t* var, running_t* running_mean, running_t* running_var,
-                                      double momentum) {
+                                      typename Acc<scalar_t>::type* mean, typename Acc<scalar_t>::type* var,
+                                      void* running_mean, void* running_var, bool running_fp32, double momentum) {
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (c >= channels) return;
@@ -454,17 +491,130 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
     const int64_t at = p * channels + c;
     s = merge(s, Summary<double>{summary[at], summary[stride + at], summary[2 * stride + at]});
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2)
-    s = merge(s, Summary<double>{__shfl_xor_sync(0xffffffff, s.n, offset), __shfl_xor_sync(0xffffffff, s.mean, offset),
-                                 __shfl_xor_sync(0xffffffff, s.m2, offset)});
+  s = warp_merge(s);
   if (lane != 0) return;
-  mean[c] = acc_t(s.mean);
-  var[c] = acc_t(s.m2 / s.n);
-  if (running_mean != nullptr) {
-    double old_mean = to_acc(running_mean[c]), old_var = to_acc(running_var[c]);
-    from_acc(acc_t((1 - momentum) * old_mean + momentum * s.mean), running_mean[c]);
-    from_acc(acc_t((1 - momentum) * old_var + momentum * s.m2 / max(s.n - 1, 1.0)), running_var[c]);
+  mean[c] = s.mean;
+  var[c] = s.m2 / s.n;
+  if (running_mean != nullptr) update_running<scalar_t>(running_mean, running_var, running_fp32, c, s, momentum);
+}
+
+// Training mode reading x from device memory once (NCHW). A persistent grid, all of it resident (a cooperative
+// launch), takes the channels one at a time. Each block owns a share of the channel (FUSED_THREADS-vector
+// slots) and summarises it while keeping it on chip: the first HELD slots in registers, the next
+// `shared_slots` in shared memory; the rest, where the chip holds less than a channel, is read last, so that
+// the normalisation can read it again first, from L2. Then the grid synchronises, every block merges the
+// blocks' summaries of the channel, and writes its share normalised.
+constexpr int FUSED_THREADS = 384;
+constexpr int HELD = 16;
+
+template <typename scalar_t, int VEC, int K>
+__device__ __forceinline__ Summary<typename Acc<scalar_t>::type> summarize_vectors(const Vec<scalar_t, VEC>* in,
+                                                                                    int valid) {
+  typename Acc<scalar_t>::type v[K * VEC];
+#pragma unroll
+  for (int u = 0; u < K; ++u)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[u * VEC + j] = to_acc(in[u].v[j]);
+  return summarize(v, valid * VEC);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t batch, int64_t channels,
+    int64_t plane_vecs, FastDiv plane_div, int shared_slots, double* __restrict__ summary, void* running_mean,
+    void* running_var, bool running_fp32, double momentum) {
+  using acc_t = typename Acc<scalar_t>::type;
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  using vec_t = Vec<scalar_t, VEC>;
+  __shared__ Summary<acc_t> warp_summaries[FUSED_THREADS / 32];
+  __shared__ Affine<acc_t> channel;
+  vec_t* stash = reinterpret_cast<vec_t*>(shared_table);
+  const vec_t* xv = reinterpret_cast<const vec_t*>(x);
+  vec_t* yv = reinterpret_cast<vec_t*>(y);
+  const int64_t units = batch * plane_vecs;
+  const int64_t share = (units + gridDim.x - 1) / gridDim.x;
+  const int64_t begin = blockIdx.x * share;
+  const int count = int(max(min(units - begin, share), int64_t(0)));
+  const int slots = (count + blockDim.x - 1) / blockDim.x;
+  const int streamed = HELD + shared_slots;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t parts = gridDim.x;
+  auto valid = [&](int slot) { return slot * int(blockDim.x) + int(threadIdx.x) < count; };
+  auto valid_of = [&](int slot) {  // of slots slot .. slot + UNROLL - 1
+    int n = 0;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) n += valid(slot + u);
+    return n;
+  };
+  for (int64_t c = 0; c < channels; ++c) {
+    auto at = [&](int slot) {  // the vector offset of this thread's slot in x and y
+      const uint32_t i = uint32_t(begin + slot * blockDim.x + threadIdx.x);
+      const uint32_t n = plane_div(i);
+      return (int64_t(n) * channels + c) * plane_vecs + (i - n * plane_vecs);
+    };
+    Summary<acc_t> s{0, 0, 0};
+    vec_t held[HELD];
+#pragma unroll
+    for (int k = 0; k < HELD; ++k)
+      if (valid(k)) held[k] = xv[at(k)];
+#pragma unroll
+    for (int k = 0; k < HELD; k += UNROLL)
+      if (valid(k)) s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(held + k, valid_of(k)));
+    for (int k = HELD; k < slots; k += UNROLL) {
+      vec_t in[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u)
+        if (valid(k + u)) in[u] = xv[at(k + u)];
+      if (k < streamed) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) stash[(k - HELD + u) * blockDim.x + threadIdx.x] = in[u];
+      }
+      if (valid(k)) s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(in, valid_of(k)));
+    }
+    s = warp_merge(s);
+    if (lane == 0) warp_summaries[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+      Summary<acc_t> b = lane < int(blockDim.x / 32) ? warp_summaries[lane] : Summary<acc_t>{0, 0, 0};
+      b = warp_merge(b);
+      if (lane == 0) store_part(summary, parts * channels, c * parts + blockIdx.x, b);
+    }
+    cooperative_groups::this_grid().sync();
+    if (warp == 0) {
+      Summary<double> t{0, 0, 0};
+      for (int64_t q = lane; q < parts; q += 32) {
+        const int64_t i = c * parts + q;
+        t = merge(t, Summary<double>{summary[i], summary[parts * channels + i], summary[2 * parts * channels + i]});
+      }
+      t = warp_merge(t);
+      if (lane == 0) {
+        channel = affine_of<scalar_t, acc_t>(p, c, acc_t(t.mean), acc_t(t.m2 / t.n));
+        if (blockIdx.x == 0 && running_mean != nullptr)
+          update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
+      }
+    }
+    __syncthreads();
+    const Affine<acc_t> a = channel;
+    auto normalized = [&](const vec_t& in) {
+      vec_t out;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], a);
+      return out;
+    };
+    for (int k = streamed; k < slots; k += UNROLL) {  // read again, first, while it is in L2
+      vec_t in[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u)
+        if (valid(k + u)) in[u] = xv[at(k + u)];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u)
+        if (valid(k + u)) yv[at(k + u)] = normalized(in[u]);
+    }
+    for (int k = HELD; k < min(streamed, slots); ++k)
+      if (valid(k)) yv[at(k)] = normalized(stash[(k - HELD) * blockDim.x + threadIdx.x]);
+#pragma unroll
+    for (int k = 0; k < HELD; ++k)
+      if (valid(k)) yv[at(k)] = normalized(held[k]);
   }
 }
 
@@ -565,11 +715,17 @@ int element_size(DType dtype) {
   return dtype == DType::Double ? 8 : dtype == DType::Float ? 4 : 2;
 }
 
-StatsGrid stats_grid(const StatsLaunch& l) {
-  int device = 0, sms = 1;
+int device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t blocks = int64_t(sms) * (2048 / STATS_THREADS);
+  cudaDeviceGetAttribute(&value, attribute, device);
+  return value;
+}
+
+int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
+
+StatsGrid stats_grid(const StatsLaunch& l) {
+  const int64_t blocks = int64_t(sm_count()) * (2048 / STATS_THREADS);
   const int full = VEC_BYTES / element_size(l.dtype);
   if (!l.channels_last) {
     const int vec = l.vectorized && aligned(l.x) && l.plane % full == 0 ? full : 1;
@@ -601,12 +757,12 @@ cudaError_t stats_kernel_launch(const StatsLaunch& l, const StatsGrid& g) {
   return cudaGetLastError();
 }
 
-template <typename scalar_t, typename running_t>
+template <typename scalar_t>
 cudaError_t finalize_launch(const StatsLaunch& l, int64_t parts) {
   using acc_t = typename Acc<scalar_t>::type;
-  finalize_stats_kernel<acc_t, running_t><<<cdiv(l.channels * 32, 256), 256, 0, l.stream>>>(
-      l.summary, parts, l.channels, static_cast<acc_t*>(l.mean), static_cast<acc_t*>(l.var),
-      static_cast<running_t*>(l.running_mean), static_cast<running_t*>(l.running_var), l.momentum);
+  finalize_stats_kernel<scalar_t><<<cdiv(l.channels * 32, 256), 256, 0, l.stream>>>(
+      l.summary, parts, l.channels, static_cast<acc_t*>(l.mean), static_cast<acc_t*>(l.var), l.running_mean,
+      l.running_var, l.running_fp32, l.momentum);
   return cudaGetLastError();
 }
 
@@ -616,7 +772,36 @@ cudaError_t stats_typed(const StatsLaunch& l) {
   const StatsGrid g = stats_grid(l);
   const cudaError_t error = g.vec == VEC ? stats_kernel_launch<scalar_t, VEC>(l, g) : stats_kernel_launch<scalar_t, 1>(l, g);
   if (error != cudaSuccess) return error;
-  return l.running_fp32 ? finalize_launch<scalar_t, float>(l, g.parts) : finalize_launch<scalar_t, scalar_t>(l, g.parts);
+  return finalize_launch<scalar_t>(l, g.parts);
+}
+
+// One block per SM, each with all the shared memory a block may have, less what the kernel declares itself.
+template <typename scalar_t>
+cudaError_t fused_typed(const StatsLaunch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  const auto kernel = fused_nchw_kernel<scalar_t>;
+  const int64_t blocks = sm_count(), plane_vecs = l.plane / VEC, batch = l.numel / l.channels / l.plane;
+  const int64_t slots = cdiv(cdiv(batch * plane_vecs, blocks), FUSED_THREADS);
+  const int64_t room = (device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) - 1024) / (FUSED_THREADS * VEC_BYTES);
+  const int shared_slots = int(std::min(cdiv(std::max<int64_t>(slots - HELD, 0), UNROLL), room / UNROLL) * UNROLL);
+  const size_t shared = size_t(shared_slots) * FUSED_THREADS * VEC_BYTES;
+  if (const cudaError_t error = reserve_shared(kernel, shared); error != cudaSuccess) return error;
+  const scalar_t* x = static_cast<const scalar_t*>(l.x);
+  scalar_t* y = static_cast<scalar_t*>(l.y);
+  int64_t channels = l.channels;
+  FastDiv plane_div = make_fast_div(uint32_t(plane_vecs));
+  bool running_fp32 = l.running_fp32;
+  double momentum = l.momentum;
+  void* running_mean = l.running_mean;
+  void* running_var = l.running_var;
+  double* summary = l.summary;
+  Params params = l.params;
+  int shared_slots_arg = shared_slots;
+  int64_t batch_arg = batch, plane_vecs_arg = plane_vecs;
+  void* args[] = {&x, &y, &params, &batch_arg, &channels, &plane_vecs_arg, &plane_div, &shared_slots_arg, &summary,
+                  &running_mean, &running_var, &running_fp32, &momentum};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks), dim3(FUSED_THREADS), args,
+                                     shared, l.stream);
 }
 
 #define BN2D_DISPATCH(dtype, fn, l)                        \
@@ -633,8 +818,12 @@ cudaError_t stats_typed(const StatsLaunch& l) {
 cudaError_t launch_nchw(const Launch& l) { BN2D_DISPATCH(l.dtype, nchw_typed, l); }
 cudaError_t launch_channels_last(const Launch& l) { BN2D_DISPATCH(l.dtype, channels_last_typed, l); }
 cudaError_t launch_naive(const Launch& l) { BN2D_DISPATCH(l.dtype, naive_typed, l); }
-int64_t stats_parts(const StatsLaunch& l) { return stats_grid(l).parts; }
-cudaError_t launch_stats(const StatsLaunch& l) { BN2D_DISPATCH(l.dtype, stats_typed, l); }
+int64_t stats_parts(const StatsLaunch& l) { return l.fused ? sm_count() : stats_grid(l).parts; }
+cudaError_t launch_stats(const StatsLaunch& l) {
+  // The fused kernel is built for float32 only: with 16-bit or float64 vectors it spills registers.
+  if (l.fused) return l.dtype == DType::Float ? fused_typed<float>(l) : cudaErrorInvalidValue;
+  BN2D_DISPATCH(l.dtype, stats_typed, l);
+}
 
 }  // namespace bn2d
 """
@@ -695,6 +884,19 @@ bn2d::DType dtype_of(const at::Tensor& x) {
   }
 }
 
+// The per-channel parameters. An absent weight or bias points at a present vector of its pair's dtype (Params
+// explains why), or at `fallback` (float32, at least one value per channel) when neither is present.
+bn2d::Params params_of(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                       const at::Tensor& fallback, const void* mean, const void* var, bool stats_fp32, double eps) {
+  const at::Tensor& stand_in = weight.has_value() ? *weight : bias.has_value() ? *bias : fallback;
+  return {(weight.has_value() ? *weight : stand_in).data_ptr(), (bias.has_value() ? *bias : stand_in).data_ptr(),
+          mean, var, weight.has_value(), bias.has_value(), stand_in.scalar_type() == at::kFloat, stats_fp32, eps};
+}
+
+std::string launch_error(cudaError_t error) {
+  return error == cudaSuccess ? "" : std::string("bn2d: kernel launch failed: ") + cudaGetErrorString(error);
+}
+
 // Checks, then runs `launcher` on x's device and current stream.
 std::string run(cudaError_t (*launcher)(const bn2d::Launch&), const at::Tensor& x, at::Tensor& y,
                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
@@ -704,17 +906,39 @@ std::string run(cudaError_t (*launcher)(const bn2d::Launch&), const at::Tensor& 
   if (x.numel() == 0) return "";
   const c10::cuda::CUDAGuard guard(x.device());
   const bool stats_fp32 = mean.scalar_type() == at::kFloat;
-  // An absent weight or bias points at a present vector of its pair's dtype (Params explains why).
-  const at::Tensor& stand_in = weight.has_value() ? *weight : bias.has_value() ? *bias : mean;
-  const bool affine_fp32 = weight.has_value() || bias.has_value() ? stand_in.scalar_type() == at::kFloat : stats_fp32;
-  const bn2d::Params params{(weight.has_value() ? *weight : stand_in).data_ptr(),
-                            (bias.has_value() ? *bias : stand_in).data_ptr(), mean.data_ptr(), var.data_ptr(),
-                            weight.has_value(), bias.has_value(), affine_fp32, stats_fp32, eps};
-  const bn2d::Launch launch{dtype_of(x), x.data_ptr(), y.data_ptr(), params, x.numel(), x.size(1),
-                            x.size(2) * x.size(3), int(threads), vectorized, max_blocks,
+  const bn2d::Launch launch{dtype_of(x), x.data_ptr(), y.data_ptr(),
+                            params_of(weight, bias, mean, mean.data_ptr(), var.data_ptr(), stats_fp32, eps),
+                            x.numel(), x.size(1), x.size(2) * x.size(3), int(threads), vectorized, max_blocks,
                             c10::cuda::getCurrentCUDAStream().stream()};
-  const cudaError_t error = launcher(launch);
-  return error == cudaSuccess ? "" : std::string("bn2d: kernel launch failed: ") + cudaGetErrorString(error);
+  return launch_error(launcher(launch));
+}
+
+// Checks training mode's arguments, then runs `launch` (its other fields filled in from them) with its
+// workspace, three doubles per channel per piece, on x's device and current stream.
+std::string run_training(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
+                         const c10::optional<at::Tensor>& running_var, double momentum, bool channels_last,
+                         bn2d::StatsLaunch& launch) {
+  if (auto error = check_pair(x, running_mean, running_var); !error.empty()) return error;
+  BN2D_REQUIRE(running_mean.has_value() == running_var.has_value(), "give both running statistics or neither");
+  BN2D_REQUIRE(x.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
+               "the input's memory layout does not match `channels_last`");
+  BN2D_REQUIRE(x.numel() > x.size(1), "training needs more than one value per channel");
+  const c10::cuda::CUDAGuard guard(x.device());
+  launch.dtype = dtype_of(x);
+  launch.x = x.data_ptr();
+  launch.numel = x.numel();
+  launch.channels = x.size(1);
+  launch.plane = x.size(2) * x.size(3);
+  launch.channels_last = channels_last || launch.plane == 1;  // 1x1 planes: NCHW is NHWC
+  launch.vectorized = true;
+  launch.running_mean = running_mean.has_value() ? running_mean->data_ptr() : nullptr;
+  launch.running_var = running_var.has_value() ? running_var->data_ptr() : nullptr;
+  launch.running_fp32 = running_mean.has_value() && running_mean->scalar_type() == at::kFloat;
+  launch.momentum = momentum;
+  launch.stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor summary = at::empty({3 * bn2d::stats_parts(launch) * x.size(1)}, x.options().dtype(at::kDouble));
+  launch.summary = summary.data_ptr<double>();
+  return launch_error(bn2d::launch_stats(launch));
 }
 
 }  // namespace
@@ -750,30 +974,40 @@ std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
                         const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
                         double momentum, bool channels_last) {
   if (auto error = check(x, x, c10::nullopt, c10::nullopt, mean, var, 32); !error.empty()) return error;
-  if (auto error = check_pair(x, running_mean, running_var); !error.empty()) return error;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   BN2D_REQUIRE(mean.scalar_type() == acc && var.scalar_type() == acc,
                "batch mean and variance must be float32 (float64 for float64 input)");
-  BN2D_REQUIRE(running_mean.has_value() == running_var.has_value(), "give both running statistics or neither");
-  BN2D_REQUIRE(x.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
-               "the input's memory layout does not match `channels_last`");
-  BN2D_REQUIRE(x.numel() > x.size(1), "training needs more than one value per channel");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const bool pixels = x.size(2) * x.size(3) == 1;  // 1x1 planes: NCHW is NHWC
-  bn2d::StatsLaunch launch{dtype_of(x), x.data_ptr(), x.numel(), x.size(1), x.size(2) * x.size(3),
-                           channels_last || pixels, true, nullptr, mean.data_ptr(), var.data_ptr(),
-                           running_mean.has_value() ? running_mean->data_ptr() : nullptr,
-                           running_var.has_value() ? running_var->data_ptr() : nullptr,
-                           running_mean.has_value() && running_mean->scalar_type() == at::kFloat, momentum,
-                           c10::cuda::getCurrentCUDAStream().stream()};
-  const at::Tensor summary = at::empty({3 * bn2d::stats_parts(launch) * x.size(1)}, x.options().dtype(at::kDouble));
-  launch.summary = summary.data_ptr<double>();
-  const cudaError_t error = bn2d::launch_stats(launch);
-  return error == cudaSuccess ? "" : std::string("bn2d: kernel launch failed: ") + cudaGetErrorString(error);
+  bn2d::StatsLaunch launch{};
+  launch.mean = mean.data_ptr();
+  launch.var = var.data_ptr();
+  return run_training(x, running_mean, running_var, momentum, channels_last, launch);
+}
+
+// Training mode in one kernel that reads x from device memory once: y normalised with the batch statistics,
+// and the running statistics updated (when given). float32, contiguous NCHW, x and y 16-byte aligned,
+// planes of whole 16-byte vectors, fewer than 2^31 vectors per channel.
+std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                           const c10::optional<at::Tensor>& running_var, double momentum, double eps) {
+  BN2D_REQUIRE(x.scalar_type() == at::kFloat && x.is_cuda() && x.dim() == 4 && x.is_contiguous(),
+               "fused_training takes a contiguous float32 4-D CUDA tensor");
+  BN2D_REQUIRE(y.sizes() == x.sizes() && y.strides() == x.strides() && y.scalar_type() == x.scalar_type() &&
+                   y.device() == x.device(), "the output must have the input's shape, strides, dtype and device");
+  BN2D_REQUIRE(x.size(2) * x.size(3) % 4 == 0 && x.numel() / x.size(1) / 4 <= INT32_MAX &&
+                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0,
+               "fused_training needs 16-byte aligned x and y, planes of whole 4-element vectors and fewer than "
+               "2^31 vectors per channel");
+  if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
+  bn2d::StatsLaunch launch{};
+  launch.y = y.data_ptr();
+  launch.params = params_of(weight, bias, x, nullptr, nullptr, true, eps);
+  launch.fused = true;
+  return run_training(x, running_mean, running_var, momentum, false, launch);
 }
 """
 
-FUNCTIONS = ["nchw", "channels_last", "naive", "batch_stats"]
+FUNCTIONS = ["nchw", "channels_last", "naive", "batch_stats", "fused_training"]
 
 
 class CudaConfig(NamedTuple):
@@ -851,6 +1085,27 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
     if error:
         raise RuntimeError(error)
     return mean, var
+
+
+# Training reads x from device memory once (`fused_training`) where a channel is large: the fused kernel
+# synchronises the whole grid once per channel (a few microseconds), which pays only when moving a channel
+# takes far longer. Measured in experiments/NOTES.md ("Training").
+FUSED_MIN_CHANNEL_BYTES = 32 << 20
+
+
+def fuses(x, y, layout: str) -> bool:
+    """Whether the training forward of x into y runs as the one fused kernel (the rule, in one place)."""
+    n, c, h, w = x.shape
+    return (layout == "nchw" and x.dtype == torch.float32 and h * w % 4 == 0
+            and FUSED_MIN_CHANNEL_BYTES <= n * h * w * 4 < 2 ** 33
+            and x.data_ptr() % 16 == 0 and y.data_ptr() % 16 == 0)
+
+
+def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float):
+    """y = x normalised with its batch statistics, the running statistics updated, in one read of x."""
+    error = module().fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps)
+    if error:
+        raise RuntimeError(error)
 
 
 _sm_counts = {}

@@ -46,6 +46,12 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return y if out is None else out.copy_(y)
     mean, var = running_mean, running_var
     if training:
+        if backend == "cuda" and out is None and not _needs_grad(input, weight, bias):
+            x, layout = _layout(input, backend)
+            y = torch.empty_like(x)
+            if cuda_kernels.fuses(x, y, layout):
+                cuda_kernels.fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps)
+                return y
         mean, var = _batch_stats(input, running_mean, running_var, momentum, backend)
     return _normalize(input, mean, var, weight, bias, eps, backend, config, out)
 
@@ -67,8 +73,7 @@ def normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor]
 def _normalize(input, mean, var, weight, bias, eps, backend, config, out):
     """normalize on checked arguments."""
     config = _config_list(backend, config)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (input, mean, var, weight, bias))
+    needs_grad = _needs_grad(input, mean, var, weight, bias)
     if out is None:
         # The registered op serves autograd and torch.compile; plain eager calls skip its dispatch cost.
         traced = needs_grad or _is_compiling()
@@ -185,7 +190,7 @@ def _batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optiona
     """Batch mean and biased variance (float32, float64 for float64 input); updates the running statistics
     with the unbiased variance, as PyTorch does. By the backend's kernels, unless x needs a gradient (then by
     PyTorch ops, which autograd differentiates) or the backend is the naive kernel (eval only)."""
-    if backend != "cuda_naive" and not (torch.is_grad_enabled() and x.requires_grad):
+    if backend != "cuda_naive" and not _needs_grad(x):
         x, layout = _layout(x, backend)
         kernels = triton_kernels if backend == "triton" else cuda_kernels
         return kernels.batch_stats(x, layout, running_mean, running_var, momentum)
@@ -214,6 +219,10 @@ def _config_list(backend: str, config) -> List[int]:
 
 # Looked up once: it is asked on every call.
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _runs_kernels(x: Tensor, backend: str) -> bool:
