@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, in one go: build and JIT costs (the CUDA module's cold build is then reused), host
-# overhead per call, the whole test suite (GPU tests included; TESTS=0 skips it), a sweep, and its figures
-# (PLOT=0 skips them).
-# Everything goes to $OUT (default experiments/results/gpu; with PLOT=0, seven files); a short table prints
+# overhead per call, the whole test suite (GPU tests included; TESTS=0 skips it), the KernelBench check, a
+# sweep, and its figures (PLOT=0 skips them).
+# Everything goes to $OUT (default experiments/results/gpu; with PLOT=0, nine files); a short table prints
 # last. Rerunning with the same $OUT resumes the sweep.
 #   bash experiments/gpu_run.sh [sweep arguments, default: --preset smoke]
 set -uo pipefail
@@ -20,6 +20,8 @@ if [ "${TESTS:-1}" = 1 ]; then
   python -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
   tests=${PIPESTATUS[0]}
 fi
+python -m experiments.kernelbench check --out "$out/kernelbench.csv" > "$out/kernelbench.log" 2>&1
+kernelbench=$?
 args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(--preset smoke)
 python -m experiments.sweep "${args[@]}" --out "$out/sweep.csv" > "$out/sweep.log" 2>&1
@@ -29,5 +31,6 @@ if [ "${PLOT:-1}" = 1 ]; then
 fi
 [ -f "$out/gpu-tests.log" ] && echo "== $(grep -E 'passed|failed' "$out/gpu-tests.log" | tail -1)"
 cat "$out/build.txt"
+tail -8 "$out/kernelbench.log"
 grep -A200 "% of copy" "$out/sweep.log" || tail -30 "$out/sweep.log"
-exit $(( tests || sweep ))
+exit $(( tests || kernelbench || sweep ))

@@ -134,7 +134,7 @@ def roofline(df, out):
 
 
 def heatmaps(df, out):
-    grid = df[(df.config != "default") & (df.timing == "do_bench")]
+    grid = df[(df.config != "default") & (df.timing == "do_bench") & (df["mode"] == "eval")]
     for backend, g in grid.groupby("backend"):
         g = g.assign(point=g["shape"] + " " + g.dtype + " " + g.layout)
         table = g.pivot_table(index="config", columns="point", values="pct_of_copy", aggfunc="median")

@@ -40,6 +40,7 @@ GRAPH_BYTES = 64 << 20
 
 # Launch-parameter grids for the block-size heatmaps (with --grid: on the smoke shapes, or on all of --shapes).
 CUDA_GRID = [CudaConfig(t, v, b) for t in (128, 256, 512, 1024) for v in (True, False) for b in (0, 4)]
+CUDA_TRAINING_GRID = [CudaConfig(fused=0), CudaConfig(fused=1)]  # three kernels, or the fused one where it applies
 TRITON_GRID = [TritonConfig(r, l, w) for r, l in ((1, 1024), (1, 4096), (2, 2048), (4, 1024), (8, 512), (16, 256),
                                                    (64, 64), (32, 256)) for w in (4, 8)]
 
@@ -92,7 +93,7 @@ def parse_shape(text: str):
 
 def points(args):
     """(shape, dtype, layout, backend, config, mode) in sweep order; configs other than the default only on grid
-    shapes in eval mode; the naive kernel in eval mode only."""
+    shapes (launch configs in eval mode, fused or not in training); the naive kernel in eval mode only."""
     shapes = args.shapes or PRESETS[args.preset]
     part, parts = map(int, args.part.split("/"))
     shapes = shapes[part - 1::parts]
@@ -101,8 +102,9 @@ def points(args):
         if backend == "cuda_naive" and (layout != "nchw" or mode != "eval"):
             continue
         configs = [None]
-        if args.grid and mode == "eval" and (shape in PRESETS["smoke"] or args.shapes):
-            configs += {"cuda": CUDA_GRID, "triton": TRITON_GRID}.get(backend, [])
+        if args.grid and (shape in PRESETS["smoke"] or args.shapes):
+            grids = {"cuda": CUDA_GRID, "triton": TRITON_GRID} if mode == "eval" else {"cuda": CUDA_TRAINING_GRID}
+            configs += grids.get(backend, [])
         for config in configs:
             yield shape, dtype, layout, backend, config, mode
 

