@@ -489,6 +489,28 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
 constexpr int FUSED_THREADS = 384;
 constexpr int HELD = 16;
 
+// The merge of a block's summaries, for thread 0; `warp_summaries` holds one per warp. Ends with a barrier
+// before thread 0's result, so it can be called again once thread 0 is done with the last one.
+__device__ Summary<double> block_merge(Summary<double> s, Summary<double>* warp_summaries) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  s = warp_merge(s);
+  if (lane == 0) warp_summaries[warp] = s;
+  __syncthreads();
+  if (warp != 0) return s;
+  return warp_merge(lane < int(blockDim.x / 32) ? warp_summaries[lane] : Summary<double>{0, 0, 0});
+}
+
+// Accesses to data touched for the last time, which L2 may evict first (so the part of a channel that is read
+// twice stays in L2 in between).
+__device__ __forceinline__ Vec<float, 4> load_last(const Vec<float, 4>* p) {
+  const float4 v = __ldcs(reinterpret_cast<const float4*>(p));
+  return {{v.x, v.y, v.z, v.w}};
+}
+
+__device__ __forceinline__ void store_last(Vec<float, 4>* p, const Vec<float, 4>& v) {
+  __stcs(reinterpret_cast<float4*>(p), make_float4(v.v[0], v.v[1], v.v[2], v.v[3]));
+}
+
 template <typename scalar_t, int VEC, int K>
 __device__ __forceinline__ Summary<typename Acc<scalar_t>::type> summarize_vectors(const Vec<scalar_t, VEC>* in,
                                                                                     int valid) {
@@ -508,7 +530,7 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
   using acc_t = typename Acc<scalar_t>::type;
   constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
   using vec_t = Vec<scalar_t, VEC>;
-  __shared__ Summary<acc_t> warp_summaries[FUSED_THREADS / 32];
+  __shared__ Summary<double> warp_summaries[FUSED_THREADS / 32];
   __shared__ Affine<acc_t> channel;
   vec_t* stash = reinterpret_cast<vec_t*>(shared_table);
   const vec_t* xv = reinterpret_cast<const vec_t*>(x);
@@ -519,7 +541,6 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
   const int count = int(max(min(units - begin, share), int64_t(0)));
   const int slots = (count + blockDim.x - 1) / blockDim.x;
   const int streamed = HELD + shared_slots;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t parts = gridDim.x;
   auto valid = [&](int slot) { return slot * int(blockDim.x) + int(threadIdx.x) < count; };
   auto valid_of = [&](int slot) {  // of slots slot .. slot + UNROLL - 1
@@ -538,42 +559,34 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
     vec_t held[HELD];
 #pragma unroll
     for (int k = 0; k < HELD; ++k)
-      if (valid(k)) held[k] = xv[at(k)];
+      if (valid(k)) held[k] = load_last(xv + at(k));
 #pragma unroll
     for (int k = 0; k < HELD; k += UNROLL)
       if (valid(k)) s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(held + k, valid_of(k)));
     for (int k = HELD; k < slots; k += UNROLL) {
       vec_t in[UNROLL];
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u)
-        if (valid(k + u)) in[u] = xv[at(k + u)];
+      for (int u = 0; u < UNROLL; ++u)  // kept on chip (read once), or read again from L2
+        if (valid(k + u)) in[u] = k < streamed ? load_last(xv + at(k + u)) : xv[at(k + u)];
       if (k < streamed) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) stash[(k - HELD + u) * blockDim.x + threadIdx.x] = in[u];
       }
       if (valid(k)) s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(in, valid_of(k)));
     }
-    s = warp_merge(s);
-    if (lane == 0) warp_summaries[warp] = s;
-    __syncthreads();
-    if (warp == 0) {
-      Summary<acc_t> b = lane < int(blockDim.x / 32) ? warp_summaries[lane] : Summary<acc_t>{0, 0, 0};
-      b = warp_merge(b);
-      if (lane == 0) store_part(summary, parts * channels, c * parts + blockIdx.x, b);
-    }
+    const Summary<double> b = block_merge(Summary<double>{s.n, s.mean, s.m2}, warp_summaries);
+    if (threadIdx.x == 0) store_part(summary, parts * channels, c * parts + blockIdx.x, b);
     cooperative_groups::this_grid().sync();
-    if (warp == 0) {
-      Summary<double> t{0, 0, 0};
-      for (int64_t q = lane; q < parts; q += 32) {
-        const int64_t i = c * parts + q;
-        t = merge(t, Summary<double>{summary[i], summary[parts * channels + i], summary[2 * parts * channels + i]});
-      }
-      t = warp_merge(t);
-      if (lane == 0) {
-        channel = affine_of<scalar_t, acc_t>(p, c, acc_t(t.mean), acc_t(t.m2 / t.n));
-        if (blockIdx.x == 0 && running_mean != nullptr)
-          update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
-      }
+    Summary<double> t{0, 0, 0};  // every block merges the channel's block summaries, a thread per summary
+    for (int64_t q = threadIdx.x; q < parts; q += blockDim.x) {
+      const int64_t i = c * parts + q;
+      t = merge(t, Summary<double>{summary[i], summary[parts * channels + i], summary[2 * parts * channels + i]});
+    }
+    t = block_merge(t, warp_summaries);
+    if (threadIdx.x == 0) {
+      channel = affine_of<scalar_t, acc_t>(p, c, acc_t(t.mean), acc_t(t.m2 / t.n));
+      if (blockIdx.x == 0 && running_mean != nullptr)
+        update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
     }
     __syncthreads();
     const Affine<acc_t> a = channel;
@@ -587,16 +600,16 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
       vec_t in[UNROLL];
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u)
-        if (valid(k + u)) in[u] = xv[at(k + u)];
+        if (valid(k + u)) in[u] = load_last(xv + at(k + u));
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u)
-        if (valid(k + u)) yv[at(k + u)] = normalized(in[u]);
+        if (valid(k + u)) store_last(yv + at(k + u), normalized(in[u]));
     }
     for (int k = HELD; k < min(streamed, slots); ++k)
-      if (valid(k)) yv[at(k)] = normalized(stash[(k - HELD) * blockDim.x + threadIdx.x]);
+      if (valid(k)) store_last(yv + at(k), normalized(stash[(k - HELD) * blockDim.x + threadIdx.x]));
 #pragma unroll
     for (int k = 0; k < HELD; ++k)
-      if (valid(k)) yv[at(k)] = normalized(held[k]);
+      if (valid(k)) store_last(yv + at(k), normalized(held[k]));
   }
 }
 
