@@ -76,6 +76,7 @@ cudaError_t launch_stats(const StatsLaunch& l);
 
 #include <algorithm>
 #include <cooperative_groups.h>
+#include <cuda_pipeline.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -489,15 +490,26 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
 constexpr int FUSED_THREADS = 384;
 constexpr int HELD = 16;
 
-// The merge of a block's summaries, for thread 0; `warp_summaries` holds one per warp. Ends with a barrier
-// before thread 0's result, so it can be called again once thread 0 is done with the last one.
-__device__ Summary<double> block_merge(Summary<double> s, Summary<double>* warp_summaries) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  s = warp_merge(s);
-  if (lane == 0) warp_summaries[warp] = s;
+// The sum of v over the block, for every thread; `scratch` holds one double per warp.
+__device__ double block_sum(double v, double* scratch) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
-  if (warp != 0) return s;
-  return warp_merge(lane < int(blockDim.x / 32) ? warp_summaries[lane] : Summary<double>{0, 0, 0});
+  v = 0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) v += scratch[w];
+  __syncthreads();  // scratch is free again
+  return v;
+}
+
+// The block's summaries merged, for every thread, by sums alone: the mean from the counts and count-weighted
+// means, then M2 as the sum of each summary's M2 and its spread around that mean. No division but one (a
+// merge tree divides at every level, and a float64 division takes hundreds of cycles).
+__device__ Summary<double> block_summary(const Summary<double>& s, double* scratch) {
+  const double n = block_sum(s.n, scratch);
+  const double mean = block_sum(s.n * s.mean, scratch) / max(n, 1.0);
+  const double d = s.mean - mean;
+  return {n, mean, block_sum(s.m2 + s.n * d * d, scratch)};
 }
 
 // Accesses to data touched for the last time, which L2 may evict first (so the part of a channel that is read
@@ -530,7 +542,7 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
   using acc_t = typename Acc<scalar_t>::type;
   constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
   using vec_t = Vec<scalar_t, VEC>;
-  __shared__ Summary<double> warp_summaries[FUSED_THREADS / 32];
+  __shared__ double scratch[FUSED_THREADS / 32];
   __shared__ Affine<acc_t> channel;
   vec_t* stash = reinterpret_cast<vec_t*>(shared_table);
   const vec_t* xv = reinterpret_cast<const vec_t*>(x);
@@ -555,34 +567,43 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
       const uint32_t n = plane_div(i);
       return (int64_t(n) * channels + c) * plane_vecs + (i - n * plane_vecs);
     };
-    Summary<acc_t> s{0, 0, 0};
+    // Requests in the order L2 should keep them: the shared-memory slots (copied without passing through
+    // registers, all in flight at once) and the register slots as read once, then the rest.
+    for (int k = HELD; k < min(streamed, slots); ++k)
+      if (valid(k)) __pipeline_memcpy_async(stash + (k - HELD) * blockDim.x + threadIdx.x, xv + at(k), sizeof(vec_t));
+    __pipeline_commit();
     vec_t held[HELD];
 #pragma unroll
     for (int k = 0; k < HELD; ++k)
       if (valid(k)) held[k] = load_last(xv + at(k));
+    Summary<acc_t> s{0, 0, 0};
 #pragma unroll
     for (int k = 0; k < HELD; k += UNROLL)
       if (valid(k)) s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(held + k, valid_of(k)));
-    for (int k = HELD; k < slots; k += UNROLL) {
+    for (int k = streamed; k < slots; k += UNROLL) {
       vec_t in[UNROLL];
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u)  // kept on chip (read once), or read again from L2
-        if (valid(k + u)) in[u] = k < streamed ? load_last(xv + at(k + u)) : xv[at(k + u)];
-      if (k < streamed) {
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) stash[(k - HELD + u) * blockDim.x + threadIdx.x] = in[u];
-      }
+      for (int u = 0; u < UNROLL; ++u)
+        if (valid(k + u)) in[u] = xv[at(k + u)];
       if (valid(k)) s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(in, valid_of(k)));
     }
-    const Summary<double> b = block_merge(Summary<double>{s.n, s.mean, s.m2}, warp_summaries);
+    __pipeline_wait_prior(0);
+    for (int k = HELD; k < min(streamed, slots); k += UNROLL) {
+      vec_t in[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) in[u] = stash[(k - HELD + u) * blockDim.x + threadIdx.x];
+      if (valid(k)) s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(in, valid_of(k)));
+    }
+    const Summary<double> b = block_summary(Summary<double>{s.n, s.mean, s.m2}, scratch);
     if (threadIdx.x == 0) store_part(summary, parts * channels, c * parts + blockIdx.x, b);
     cooperative_groups::this_grid().sync();
-    Summary<double> t{0, 0, 0};  // every block merges the channel's block summaries, a thread per summary
+    // Every block merges the channel's block summaries, a thread per summary.
+    Summary<double> t{0, 0, 0};
     for (int64_t q = threadIdx.x; q < parts; q += blockDim.x) {
       const int64_t i = c * parts + q;
       t = merge(t, Summary<double>{summary[i], summary[parts * channels + i], summary[2 * parts * channels + i]});
     }
-    t = block_merge(t, warp_summaries);
+    t = block_summary(t, scratch);
     if (threadIdx.x == 0) {
       channel = affine_of<scalar_t, acc_t>(p, c, acc_t(t.mean), acc_t(t.m2 / t.n));
       if (blockIdx.x == 0 && running_mean != nullptr)
