@@ -501,10 +501,11 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
 
 // Training mode reading x from device memory once (NCHW). A persistent grid, all of it resident (a cooperative
 // launch), takes the channels one at a time. Each block owns a share of the channel (FUSED_THREADS-vector
-// slots) and summarises it while keeping it on chip: the first HELD slots in registers, the next
-// `shared_slots` in shared memory; the rest, where the chip holds less than a channel, is read last, so that
-// the normalisation can read it again first, from L2. Then the grid synchronises, every block merges the
-// blocks' summaries of the channel, and writes its share normalised.
+// slots) and summarises it while keeping it on chip: HELD slots in registers, up to `shared_slots` in shared
+// memory (copied there by cp.async); the rest, where the chip holds less than a channel, is read last, so
+// that the normalisation can read it again first, from L2. Then the grid synchronises, every block merges
+// the blocks' summaries of the channel, and writes its share normalised. One barrier per channel: the rule
+// in fuses() keeps this kernel to channels large enough to pay for it.
 constexpr int FUSED_THREADS = 384;
 constexpr int HELD = 16;
 
