@@ -60,7 +60,7 @@ class ModelNew(nn.Module):
 '''
 
 CUDA_FORWARD = """\
-            if fuses(x, y, "nchw"):
+            if fuses(x, "nchw"):
                 _check(_module.fused_training(x, y, self.weight, self.bias, self.running_mean, self.running_var,
                                               self.momentum, self.eps))
                 return y

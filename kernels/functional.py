@@ -48,8 +48,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if training:
         if backend == "cuda" and out is None and not _needs_grad(input, weight, bias):
             x, layout = _layout(input, backend)
-            y = torch.empty_like(x)
-            if cuda_kernels.fuses(x, y, layout, _config_list(backend, config)[3]):
+            if cuda_kernels.fuses(x, layout, _config_list(backend, config)[3]):
+                y = torch.empty_like(x)
                 cuda_kernels.fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps)
                 return y
         mean, var = _batch_stats(input, running_mean, running_var, momentum, backend)

@@ -1,4 +1,5 @@
-"""The Triton backend: the same operation as the CUDA module, as one Triton kernel.
+"""The Triton backend: the same operations as the CUDA module. Normalisation is one kernel, and training's
+batch statistics two (a statistics kernel and its finalize, below `normalize`).
 
 Both layouts are a row-major matrix of R rows by L columns, and one kernel serves both:
 

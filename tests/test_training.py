@@ -61,7 +61,7 @@ def test_batch_norm_training_paths(fused):
     statistics."""
     x = torch.randn(4, 6, 20, 20, device="cuda")
     params = make_params(6)
-    assert cuda_kernels.fuses(x, x, "nchw", fused) == bool(fused)
+    assert cuda_kernels.fuses(x, "nchw", fused) == bool(fused)
     config = CudaConfig(fused=fused)
     old = [p.clone() for p in params[:2]]
     y = batch_norm(x, *params, training=True, momentum=0.5, config=config)
@@ -69,3 +69,15 @@ def test_batch_norm_training_paths(fused):
     y = batch_norm(x, None, None, *params[2:], training=True, config=config)
     mean, var = batch_stats_reference(x)
     assert batch_norm_error(y, x, mean, var, *params[2:]) <= TOLERANCE[torch.float32]
+
+
+def test_fused_kernel_rule():
+    """The fused kernel for large float32 NCHW channels (or wherever it applies, when forced); never for
+    channels_last, other dtypes, or planes of partial vectors."""
+    def rule(shape, dtype=torch.float32, layout="nchw", fused=-1):
+        return cuda_kernels.fuses(torch.empty(shape, dtype=dtype, device="meta"), layout, fused)
+
+    assert rule((64, 64, 512, 512)) and not rule((64, 64, 512, 512), fused=0)
+    assert not rule((32, 256, 56, 56)) and rule((32, 256, 56, 56), fused=1)
+    assert not rule((64, 64, 512, 512), torch.float16, fused=1) and not rule((32, 64, 7, 7), fused=1)
+    assert not rule((64, 64, 512, 512), layout="channels_last", fused=1)
