@@ -37,6 +37,28 @@ def check_training(y, x, old_mean, old_var, running_mean, running_var, weight, b
     assert relative_error(running_var, expected_var) <= 1e-6
 
 
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
+def test_variance_survives_a_large_mean(backend):
+    """A mean 10^4 times the spread: a sum of squares in float32 would lose the variance entirely."""
+    x = torch.rand(8, 4, 64, 64, device=DEVICE) + 1e4
+    running_mean, running_var = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    batch_norm(x, running_mean, running_var, training=True, momentum=1.0, backend=backend)
+    mean, var = batch_stats_reference(x)
+    n = x.numel() // 4
+    assert relative_error(running_var, var * n / (n - 1)) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
+def test_half_running_statistics(backend):
+    """Buffers in the input's dtype (a module converted with .half()) are read and written in that dtype."""
+    x = torch.randn(4, 8, 9, 9, device=DEVICE).half()
+    running_mean, running_var = torch.randn(8, device=DEVICE).half(), (torch.rand(8, device=DEVICE) + 0.5).half()
+    expected_mean = 0.9 * running_mean.double() + 0.1 * batch_stats_reference(x)[0]
+    batch_norm(x, running_mean, running_var, training=True, momentum=0.1, backend=backend)
+    assert running_mean.dtype == torch.float16
+    assert relative_error(running_mean, expected_mean) <= 1e-3
+
+
 # The fused kernel on: fewer vectors than blocks, a channel that fits on chip, and channels larger than an
 # H100 holds on chip (their tails are read twice).
 FUSED_SHAPES = [(2, 3, 4, 4), (4, 5, 36, 36), (8, 3, 512, 512), (48, 2, 512, 512), (3, 2, 2048, 2052)]
