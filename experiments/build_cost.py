@@ -4,14 +4,13 @@ a warm cache. Each measurement runs in a fresh process, as a user's first call w
     python -m experiments.build_cost --out experiments/results/build_cost.csv
 """
 import argparse
-import csv
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from experiments.environment import capture
+from experiments.environment import capture, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,13 +51,10 @@ def main(argv=None):
             ("triton", "cold first call", timed(TRITON_FIRST_CALL, env)),
             ("triton", "warm first call", timed(TRITON_FIRST_CALL, env)),
         ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["backend", "step", "seconds", "cpu_count", *environment])
-        writer.writeheader()
-        for backend, step, seconds in rows:
-            writer.writerow(dict(backend=backend, step=step, seconds=seconds, cpu_count=os.cpu_count(), **environment))
-            print(f"{backend:7s} {step:16s} {seconds:7.2f} s")
+    for backend, step, seconds in rows:
+        print(f"{backend:7s} {step:16s} {seconds:7.2f} s")
+    write_csv(args.out, [dict(backend=backend, step=step, seconds=seconds, cpu_count=os.cpu_count())
+                         for backend, step, seconds in rows], environment)
 
 
 if __name__ == "__main__":

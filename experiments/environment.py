@@ -1,7 +1,10 @@
 """One capture of the environment a measurement or test log was made in."""
+import csv
 import datetime
+import functools
 import os
 import subprocess
+from pathlib import Path
 
 import torch
 import triton
@@ -32,16 +35,26 @@ def _nvidia_smi(query: str) -> str:
     return out.splitlines()[0] if out else ""
 
 
-def clocks() -> dict:
-    """The SM and memory clocks of GPU 0 now, in MHz (empty strings without an NVIDIA GPU). Read through NVML
-    where pynvml is installed (microseconds), else through nvidia-smi."""
+@functools.lru_cache(maxsize=None)
+def _nvml_gpu0():
+    """(pynvml, GPU 0's handle), initialised once; None without pynvml or an NVIDIA driver behind it."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:
+        return None
+
+
+def clocks() -> dict:
+    """The SM and memory clocks of GPU 0 now, in MHz (empty strings without an NVIDIA GPU). Read through NVML
+    where pynvml is installed (microseconds), else through nvidia-smi."""
+    nvml = _nvml_gpu0()
+    if nvml:
+        pynvml, handle = nvml
         sm, mem = (pynvml.nvmlDeviceGetClockInfo(handle, kind) for kind in (pynvml.NVML_CLOCK_SM, pynvml.NVML_CLOCK_MEM))
-    except Exception:  # no pynvml, or no NVIDIA driver behind it
+    else:
         sm, _, mem = _nvidia_smi("clocks.sm,clocks.mem").partition(", ")
     return {"sm_clock_mhz": str(sm), "mem_clock_mhz": str(mem)}
 
@@ -62,6 +75,16 @@ def capture() -> dict:
         "commit": commit(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def write_csv(path: Path, rows: list, env: dict):
+    """Rows of one run, each with the environment's columns, as a whole CSV file (the sweep instead appends
+    row by row, so that it can resume)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, [*rows[0], *env])
+        writer.writeheader()
+        writer.writerows(dict(row, **env) for row in rows)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ python -m experiments.build_cost --extensions-dir "$TORCH_EXTENSIONS_DIR" --out 
 python -m experiments.host_overhead --out "$out/host_overhead.csv"
 tests=0
 if [ "${TESTS:-1}" = 1 ]; then
-  python -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+  python -m pytest tests -rs -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"  # not -q: the header names the environment
   tests=${PIPESTATUS[0]}
 fi
 python -m experiments.kernelbench check --out "$out/kernelbench.csv" > "$out/kernelbench.log" 2>&1

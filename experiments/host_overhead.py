@@ -5,7 +5,6 @@ finishes each kernel before the host has launched the next, so the time per call
     python -m experiments.host_overhead --out experiments/results/host_overhead.csv
 """
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments.environment import capture
+from experiments.environment import capture, write_csv
 from kernels import BatchNorm2d, batch_norm
 
 
@@ -67,13 +66,10 @@ def main(argv=None):
             median, p20, p80 = per_call_us(fn, args.calls, args.repeats, sync)
             rows.append(dict(call=name, backend=backend, shape=args.shape, us_per_call=median, p20_us=p20, p80_us=p80))
     floor = rows[0]["us_per_call"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, [*rows[0], "ratio_to_clone", *env])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(dict(row, ratio_to_clone=row["us_per_call"] / floor, **env))
-            print(f"{row['call']:18s} {row['backend']:7s} {row['us_per_call']:8.1f} us  {row['us_per_call'] / floor:5.2f}x clone")
+    for row in rows:
+        row["ratio_to_clone"] = row["us_per_call"] / floor
+        print(f"{row['call']:18s} {row['backend']:7s} {row['us_per_call']:8.1f} us  {row['ratio_to_clone']:5.2f}x clone")
+    write_csv(args.out, rows, env)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ against eager PyTorch and ``torch.compile``. Its static checker rejects ``try``/
 outside comments, threads, and CUDA or Triton files without kernels; ``static_problems`` applies those rules.
 """
 import argparse
-import csv
 import importlib.util
 import inspect
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from experiments.shapes import KERNELBENCH
-from kernels import cuda_kernels, triton_kernels
+from kernels import bytes_moved, cuda_kernels, triton_kernels
 
 OUT_DIR = Path(__file__).parent / "kernelbench"
 FILES = {"cuda": OUT_DIR / "33_BatchNorm_cuda.py", "triton": OUT_DIR / "33_BatchNorm_triton.py"}
@@ -82,9 +81,8 @@ def cuda_file() -> str:
             + sources + f"\n\nFUNCTIONS = {cuda_kernels.FUNCTIONS!r}\n"
             + f"FUSED_MIN_CHANNEL_BYTES = {cuda_kernels.FUSED_MIN_CHANNEL_BYTES}\n\n\n"
             + "\n\n".join(inspect.getsource(f) for f in (cuda_kernels.arch_flags, cuda_kernels.build,
-                                                          cuda_kernels.fuses))
-            + "\n\ndef _check(error: str):\n    if error:\n        raise RuntimeError(error)\n\n\n"
-            + "_module = build()\n" + MODEL.format(backend="CUDA", forward=CUDA_FORWARD))
+                                                          cuda_kernels.fuses, cuda_kernels._check))
+            + "\n\n_module = build()\n" + MODEL.format(backend="CUDA", forward=CUDA_FORWARD))
 
 
 def triton_file() -> str:
@@ -135,7 +133,7 @@ def load(path: Path):
 def check(out: Path):
     """KernelBench's conditions on the GPU: correctness over seeded trials in training mode, then timings with
     L2 flushed (do_bench) against eager PyTorch, torch.compile and a copy of the same bytes."""
-    from experiments.environment import capture
+    from experiments.environment import capture, write_csv
     from experiments.sweep import time_ms
 
     env = capture()
@@ -152,6 +150,7 @@ def check(out: Path):
     x = torch.rand(SHAPE, device="cuda")
     y = torch.empty_like(x)
     copy_ms = time_ms(lambda: y.copy_(x), "do_bench")[0]
+    roof_ms = copy_ms * bytes_moved(SHAPE, x.dtype, training=True) / bytes_moved(SHAPE, x.dtype)  # 3 passes
     for name, make in candidates.items():
         torch.manual_seed(42)
         reference, model = torch.nn.BatchNorm2d(features).cuda(), make()
@@ -169,14 +168,10 @@ def check(out: Path):
             median, p20, p80 = time_ms(lambda: model(x), "do_bench")
         rows.append(dict(backend=name, shape="x".join(map(str, SHAPE)), trials=TRIALS, correct=passed,
                          max_abs_error=worst, median_ms=median, p20_ms=p20, p80_ms=p80, copy_ms=copy_ms,
-                         pct_of_3pass=100 * 1.5 * copy_ms / median, **env))
+                         pct_of_3pass=100 * roof_ms / median))
         print(f"{name:14s} correct={passed!s:5s} max|err|={worst:.2e} {median:.3f} ms "
-              f"({100 * 1.5 * copy_ms / median:.0f}% of the 3-pass roofline)", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+              f"({rows[-1]['pct_of_3pass']:.0f}% of the 3-pass roofline)", flush=True)
+    write_csv(out, rows, env)
     eager = next(r["median_ms"] for r in rows if r["backend"] == "eager")
     compiled = next(r["median_ms"] for r in rows if r["backend"] == "torch_compile")
     for r in rows:

@@ -1116,8 +1116,7 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
         threads, vectorized, blocks_per_sm, _ = config
         max_blocks = blocks_per_sm * _sm_count(x.device) if blocks_per_sm else 0
         error = getattr(m, layout)(x, y, weight, bias, mean, var, eps, threads, bool(vectorized), max_blocks)
-    if error:
-        raise RuntimeError(error)
+    _check(error)
 
 
 def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
@@ -1127,8 +1126,7 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
     mean = torch.empty(x.size(1), device=x.device, dtype=acc)
     var = torch.empty_like(mean)
     error = module().batch_stats(x, mean, var, running_mean, running_var, momentum, layout == "channels_last")
-    if error:
-        raise RuntimeError(error)
+    _check(error)
     return mean, var
 
 
@@ -1150,6 +1148,11 @@ def fuses(x, layout: str, fused: int = -1) -> bool:
 def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float):
     """y = x normalised with its batch statistics, the running statistics updated, in one read of x."""
     error = module().fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps)
+    _check(error)
+
+
+def _check(error: str):
+    """The bound functions return an error message instead of raising (CPP_SOURCE says why)."""
     if error:
         raise RuntimeError(error)
 

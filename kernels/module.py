@@ -1,5 +1,4 @@
 """``BatchNorm2d``: ``nn.BatchNorm2d`` with its forward on a chosen backend, and ``convert``."""
-import torch
 from torch import nn
 
 from .functional import BACKENDS, batch_norm

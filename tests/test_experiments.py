@@ -84,6 +84,8 @@ def test_headline_table_from_the_fixture():
     assert {"cuda", "triton", "torch", "torch_compile"} <= set(table.index)
     wins, points = table.loc["cuda", "faster than torch_compile"].split(",")[0].split(" / ")
     assert int(points) == 14 and 0 <= int(wins) <= 14  # the fixture's 14 points per backend
+    training = plot.headline(plot.load_sweep([DATA / "sweep_fixture.csv"]), "train")
+    assert {"cuda", "triton", "torch_compile"} <= set(training.index)
 
 
 def test_kernelbench_files_are_current_and_pass_its_static_checker():

@@ -1135,6 +1135,7 @@ def fuses(x, layout: str, fused: int = -1) -> bool:
 
 
 def _check(error: str):
+    """The bound functions return an error message instead of raising (CPP_SOURCE says why)."""
     if error:
         raise RuntimeError(error)
 
