@@ -46,11 +46,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return y if out is None else out.copy_(y)
     mean, var = running_mean, running_var
     if training:
+        input, layout = _layout(input, backend)  # once: input in other strides is copied here, not per kernel
         if backend == "cuda" and out is None and not _needs_grad(input, weight, bias):
-            x, layout = _layout(input, backend)
-            if cuda_kernels.fuses(x, layout, _config_list(backend, config)[3]):
-                y = torch.empty_like(x)
-                cuda_kernels.fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps)
+            if cuda_kernels.fuses(input, layout, _config_list(backend, config)[3]):
+                y = torch.empty_like(input)
+                cuda_kernels.fused_training(input, y, weight, bias, running_mean, running_var, momentum, eps)
                 return y
         mean, var = _batch_stats(input, running_mean, running_var, momentum, backend)
     return _normalize(input, mean, var, weight, bias, eps, backend, config, out)

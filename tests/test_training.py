@@ -10,7 +10,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 TRAINING_BACKENDS = [b for b in BACKENDS if b != "cuda_naive"]  # the naive kernel is eval only
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] * s[2] * s[3] > 1], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", TRAINING_BACKENDS)
