@@ -59,9 +59,10 @@ class ModelNew(nn.Module):
 '''
 
 CUDA_FORWARD = """\
-            if fuses(x, "nchw"):
+            kernel = read_once(x, "nchw")
+            if kernel:
                 _check(_module.fused_training(x, y, self.weight, self.bias, self.running_mean, self.running_var,
-                                              self.momentum, self.eps))
+                                              self.momentum, self.eps, kernel == "channel"))
                 return y
             mean = torch.empty(x.size(1), device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
             var = torch.empty_like(mean)
@@ -79,9 +80,10 @@ def cuda_file() -> str:
     return (HEADER.format(backend="CUDA", source="cuda_kernels.py")
             + "import os\n\nimport torch\nimport torch.nn as nn\n\n"
             + sources + f"\n\nFUNCTIONS = {cuda_kernels.FUNCTIONS!r}\n"
-            + f"FUSED_MIN_CHANNEL_BYTES = {cuda_kernels.FUSED_MIN_CHANNEL_BYTES}\n\n\n"
+            + f"CHANNEL_BLOCK_BYTES = {cuda_kernels.CHANNEL_BLOCK_BYTES}\n"
+            + f"GRID_MIN_CHANNEL_BYTES = {cuda_kernels.GRID_MIN_CHANNEL_BYTES}\n\n\n"
             + "\n\n".join(inspect.getsource(f) for f in (cuda_kernels.arch_flags, cuda_kernels.build,
-                                                          cuda_kernels.fuses, cuda_kernels._check))
+                                                          cuda_kernels.read_once, cuda_kernels._check))
             + "\n\n_module = build()\n" + MODEL.format(backend="CUDA", forward=CUDA_FORWARD))
 
 

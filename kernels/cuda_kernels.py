@@ -21,7 +21,9 @@ Training mode (batch statistics; the normalisation is then one of the kernels ab
 * ``finalize_stats_kernel`` -- a warp per channel merges its pieces, writes the batch mean and variance and
   updates the running statistics;
 * ``fused_nchw_kernel`` -- the whole training forward reading x once, for large float32 NCHW channels: a
-  persistent cooperative grid that keeps each channel on chip across one grid barrier (``fuses`` is the rule).
+  persistent cooperative grid that keeps each channel on chip across one grid barrier;
+* ``channel_kernel`` -- the same for a channel that fits in a block's shared memory, a block per channel
+  (``read_once`` chooses between them and the three kernels).
 """
 import os
 import sys
@@ -73,14 +75,17 @@ cudaError_t launch_naive(const Launch& l);
 // M2) in `summary` (three arrays of parts * channels doubles, piece p of channel c at p * channels + c); a
 // finalize kernel merges each channel's pieces into its mean and biased variance (float32, float64 for
 // float64 input) and updates the running statistics (float32 or the input's dtype; null: none).
-// `fused`: the training forward in one kernel (NCHW, 16-byte aligned, whole vectors per plane) that also
-// writes y = x normalised with `params` (whose mean and var it ignores).
+// `fused`: the training forward in one kernel that reads x once (contiguous NCHW) and also writes y = x
+// normalised with `params` (whose mean and var it ignores): a block per channel (a channel that fits in a
+// block's shared memory) or a persistent grid (float32, 16-byte aligned, planes of whole vectors).
+enum class Fused : int { None, Channel, Grid };
+
 struct StatsLaunch {
   DType dtype;
   const void* x;
   void* y;
   Params params;
-  bool fused;
+  Fused fused;
   int64_t numel, channels, plane;
   bool channels_last;
   bool vectorized;
@@ -514,7 +519,7 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
 // memory (copied there by cp.async); the rest, where the chip holds less than a channel, is read last, so
 // that the normalisation can read it again first, from L2. Then the grid synchronises, every block merges
 // the blocks' summaries of the channel, and writes its share normalised. One barrier per channel: the rule
-// in fuses() keeps this kernel to channels large enough to pay for it.
+// in read_once() keeps this kernel to channels large enough to pay for it.
 constexpr int FUSED_THREADS = 384;
 constexpr int HELD = 16;
 
@@ -659,6 +664,56 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
 #pragma unroll
     for (int k = 0; k < HELD; ++k)
       if (valid(k)) store_last(yv + at(k), normalized(held[k]));
+  }
+}
+
+// Training mode for a channel that fits in shared memory (NCHW): a block per channel reads it once into
+// shared memory while summarising it, merges the summary, updates the running statistics and writes the
+// channel normalised. One launch, x read once, no grid-wide barrier.
+constexpr int CHANNEL_THREADS = 512;
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int units,
+    int64_t plane_vecs, FastDiv plane_div, void* running_mean, void* running_var, bool running_fp32,
+    double momentum) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using vec_t = Vec<scalar_t, VEC>;
+  __shared__ double scratch[32];
+  vec_t* stash = reinterpret_cast<vec_t*>(shared_table);
+  const vec_t* xv = reinterpret_cast<const vec_t*>(x);
+  vec_t* yv = reinterpret_cast<vec_t*>(y);
+  const int64_t c = blockIdx.x;
+  auto at = [&](int i) {  // the offset of the channel's i-th vector in x and y
+    const uint32_t n = plane_div(uint32_t(i));
+    return (int64_t(n) * channels + c) * plane_vecs + (i - int64_t(n) * plane_vecs);
+  };
+  Summary<acc_t> s{0, 0, 0};
+  for (int base = threadIdx.x; base < units; base += blockDim.x * UNROLL) {
+    vec_t in[UNROLL];
+    int valid = 0;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int i = base + u * blockDim.x;
+      if (i < units) {
+        in[u] = xv[at(i)];
+        ++valid;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (u < valid) stash[base + u * blockDim.x] = in[u];
+    s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(in, valid));
+  }
+  const Summary<double> t = block_summary(Summary<double>{s.n, s.mean, s.m2}, scratch);
+  const Affine<acc_t> a = affine_of<scalar_t, acc_t>(p, c, acc_t(t.mean), acc_t(t.m2 / t.n));
+  if (threadIdx.x == 0 && running_mean != nullptr)
+    update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
+  for (int i = threadIdx.x; i < units; i += blockDim.x) {
+    vec_t out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = apply(stash[i].v[j], a);
+    yv[at(i)] = out;
   }
 }
 
@@ -848,6 +903,27 @@ cudaError_t fused_typed(const StatsLaunch& l) {
                                      shared, l.stream);
 }
 
+template <typename scalar_t, int VEC>
+cudaError_t channel_launch(const StatsLaunch& l) {
+  const int64_t plane_vecs = l.plane / VEC, units = l.numel / l.channels / VEC;
+  const size_t shared = size_t(units) * sizeof(Vec<scalar_t, VEC>);
+  if (int64_t(shared) > device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) - 1024) return cudaErrorInvalidValue;
+  const auto kernel = channel_kernel<scalar_t, VEC>;
+  if (const cudaError_t error = reserve_shared(kernel, shared); error != cudaSuccess) return error;
+  kernel<<<l.channels, CHANNEL_THREADS, shared, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(units), plane_vecs,
+      make_fast_div(uint32_t(plane_vecs)), l.running_mean, l.running_var, l.running_fp32, l.momentum);
+  return cudaGetLastError();
+}
+
+// The whole channel as 16-byte vectors where x, y and the planes allow.
+template <typename scalar_t>
+cudaError_t channel_typed(const StatsLaunch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  const bool vectorized = aligned(l.x) && aligned(l.y) && l.plane % VEC == 0;
+  return vectorized ? channel_launch<scalar_t, VEC>(l) : channel_launch<scalar_t, 1>(l);
+}
+
 #define BN2D_DISPATCH(dtype, fn, l)                        \
   switch (dtype) {                                       \
     case DType::Float: return fn<float>(l);              \
@@ -862,10 +938,13 @@ cudaError_t fused_typed(const StatsLaunch& l) {
 cudaError_t launch_nchw(const Launch& l) { BN2D_DISPATCH(l.dtype, nchw_typed, l); }
 cudaError_t launch_channels_last(const Launch& l) { BN2D_DISPATCH(l.dtype, channels_last_typed, l); }
 cudaError_t launch_naive(const Launch& l) { BN2D_DISPATCH(l.dtype, naive_typed, l); }
-int64_t stats_parts(const StatsLaunch& l) { return l.fused ? sm_count() : stats_grid(l).parts; }
+int64_t stats_parts(const StatsLaunch& l) {
+  return l.fused == Fused::Grid ? sm_count() : l.fused == Fused::Channel ? 0 : stats_grid(l).parts;
+}
 cudaError_t launch_stats(const StatsLaunch& l) {
   // The fused kernel is built for float32 only: with 16-bit or float64 vectors it spills registers.
-  if (l.fused) return l.dtype == DType::Float ? fused_typed<float>(l) : cudaErrorInvalidValue;
+  if (l.fused == Fused::Grid) return l.dtype == DType::Float ? fused_typed<float>(l) : cudaErrorInvalidValue;
+  if (l.fused == Fused::Channel) BN2D_DISPATCH(l.dtype, channel_typed, l);
   BN2D_DISPATCH(l.dtype, stats_typed, l);
 }
 
@@ -904,15 +983,21 @@ std::string check_pair(const at::Tensor& x, const c10::optional<at::Tensor>& a, 
   return "";
 }
 
-std::string check(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& weight,
-                  const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
-                  int64_t threads) {
+// The input and the output (pass x twice when there is none).
+std::string check_io(const at::Tensor& x, const at::Tensor& y) {
   BN2D_REQUIRE(x.is_cuda() && x.dim() == 4, "the input must be a 4-D CUDA tensor");
   BN2D_REQUIRE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ||
                    x.scalar_type() == at::kDouble, "the input must be float32, float16, bfloat16 or float64");
   BN2D_REQUIRE(y.sizes() == x.sizes() && y.strides() == x.strides() && y.scalar_type() == x.scalar_type() &&
                    y.device() == x.device(), "the output must have the input's shape, strides, dtype and device");
   BN2D_REQUIRE(x.size(1) <= INT32_MAX, "too many channels");
+  return "";
+}
+
+std::string check(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+                  int64_t threads) {
+  if (auto error = check_io(x, y); !error.empty()) return error;
   BN2D_REQUIRE(threads >= 32 && threads <= 1024 && threads % 32 == 0,
                "threads per block must be a multiple of 32 in [32, 1024], got " + std::to_string(threads));
   if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
@@ -1017,7 +1102,8 @@ std::string naive(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Te
 std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
                         const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
                         double momentum, bool channels_last) {
-  if (auto error = check(x, x, c10::nullopt, c10::nullopt, mean, var, 32); !error.empty()) return error;
+  if (auto error = check_io(x, x); !error.empty()) return error;
+  if (auto error = check_pair(x, mean, var); !error.empty()) return error;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   BN2D_REQUIRE(mean.scalar_type() == acc && var.scalar_type() == acc,
                "batch mean and variance must be float32 (float64 for float64 input)");
@@ -1028,25 +1114,26 @@ std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
 }
 
 // Training mode in one kernel that reads x from device memory once: y normalised with the batch statistics,
-// and the running statistics updated (when given). float32, contiguous NCHW, x and y 16-byte aligned,
-// planes of whole 16-byte vectors, fewer than 2^31 vectors per channel.
+// and the running statistics updated (when given). Contiguous NCHW; `per_channel`: a block per channel (the
+// channel must fit in a block's shared memory), else the persistent grid (float32, x and y 16-byte aligned,
+// planes of whole 16-byte vectors, fewer than 2^31 vectors per channel).
 std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-                           const c10::optional<at::Tensor>& running_var, double momentum, double eps) {
-  BN2D_REQUIRE(x.scalar_type() == at::kFloat && x.is_cuda() && x.dim() == 4 && x.is_contiguous(),
-               "fused_training takes a contiguous float32 4-D CUDA tensor");
-  BN2D_REQUIRE(y.sizes() == x.sizes() && y.strides() == x.strides() && y.scalar_type() == x.scalar_type() &&
-                   y.device() == x.device(), "the output must have the input's shape, strides, dtype and device");
-  BN2D_REQUIRE(x.size(2) * x.size(3) % 4 == 0 && x.numel() / x.size(1) / 4 <= INT32_MAX &&
-                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0,
-               "fused_training needs 16-byte aligned x and y, planes of whole 4-element vectors and fewer than "
-               "2^31 vectors per channel");
+                           const c10::optional<at::Tensor>& running_var, double momentum, double eps,
+                           bool per_channel) {
+  if (auto error = check_io(x, y); !error.empty()) return error;
   if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
+  BN2D_REQUIRE(x.is_contiguous(), "fused_training takes a contiguous (NCHW) input");
+  BN2D_REQUIRE(per_channel || (x.scalar_type() == at::kFloat && x.size(2) * x.size(3) % 4 == 0 &&
+                               x.numel() / x.size(1) / 4 <= INT32_MAX &&
+                               reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                               reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0),
+               "the persistent kernel needs float32, 16-byte aligned x and y, planes of whole 4-element vectors "
+               "and fewer than 2^31 vectors per channel");
   bn2d::StatsLaunch launch{};
   launch.y = y.data_ptr();
-  launch.params = params_of(weight, bias, x, nullptr, nullptr, true, eps);
-  launch.fused = true;
+  launch.params = params_of(weight, bias, x, nullptr, nullptr, x.scalar_type() == at::kFloat, eps);
+  launch.fused = per_channel ? bn2d::Fused::Channel : bn2d::Fused::Grid;
   return run_training(x, running_mean, running_var, momentum, false, launch);
 }
 """
@@ -1060,7 +1147,7 @@ class CudaConfig(NamedTuple):
     threads: int = 256  # threads per block, a multiple of 32
     vectorized: bool = True  # 16-byte loads and stores where the pointers and sizes allow
     blocks_per_sm: int = 0  # 0: enough blocks to cover the tensor once; k: a grid-stride grid of k per SM
-    fused: int = -1  # training: -1 the fused kernel where channels are large, 0 never, 1 wherever it applies
+    fused: int = -1  # training: -1 one kernel reading x once where it pays, 0 never, 1 wherever one applies
 
 
 def arch_flags() -> list:
@@ -1130,24 +1217,33 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
     return mean, var
 
 
-# Training reads x from device memory once (`fused_training`) where a channel is large: the fused kernel
-# synchronises the whole grid once per channel (a few microseconds), which pays only when moving a channel
-# takes far longer. Measured in experiments/NOTES.md ("Training").
-FUSED_MIN_CHANNEL_BYTES = 32 << 20
+# Training reads x from device memory once where it pays (`read_once`, measured in experiments/NOTES.md,
+# "Training"): a block per channel where the channel fits in its shared memory; the persistent grid for
+# float32 channels of 32 MB or more (it synchronises the whole grid once per channel, a few microseconds);
+# between the two, three kernels.
+CHANNEL_BLOCK_BYTES = 112 << 10
+GRID_MIN_CHANNEL_BYTES = 32 << 20
 
 
-def fuses(x, layout: str, fused: int = -1) -> bool:
-    """Whether the training forward of x (into a freshly allocated, so aligned, output) runs as the one fused
-    kernel (the rule, in one place); `fused` as in CudaConfig."""
+def read_once(x, layout: str, fused: int = -1) -> str:
+    """The one kernel that runs the training forward of x (into a freshly allocated, so aligned, output):
+    "channel", "grid", or "" for three kernels; `fused` as in CudaConfig. The rule, in one place."""
     n, c, h, w = x.shape
-    applies = (layout == "nchw" and x.dtype == torch.float32 and h * w % 4 == 0 and n * h * w < 2 ** 33
-               and x.data_ptr() % 16 == 0)
-    return applies and (fused == 1 or (fused == -1 and n * h * w * 4 >= FUSED_MIN_CHANNEL_BYTES))
+    channel_bytes = n * h * w * x.element_size()
+    if layout != "nchw" or fused == 0:
+        return ""
+    if channel_bytes <= CHANNEL_BLOCK_BYTES:
+        return "channel"
+    grid_applies = (x.dtype == torch.float32 and h * w % 4 == 0 and n * h * w < 2 ** 33
+                    and x.data_ptr() % 16 == 0)
+    return "grid" if grid_applies and (fused == 1 or channel_bytes >= GRID_MIN_CHANNEL_BYTES) else ""
 
 
-def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float):
-    """y = x normalised with its batch statistics, the running statistics updated, in one read of x."""
-    error = module().fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps)
+def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, kernel: str):
+    """y = x normalised with its batch statistics, the running statistics updated, in one read of x by
+    `kernel` ("channel" or "grid", as read_once chose)."""
+    error = module().fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps,
+                                    kernel == "channel")
     _check(error)
 
 

@@ -48,9 +48,10 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if training:
         input, layout = _layout(input, backend)  # once: input in other strides is copied here, not per kernel
         if backend == "cuda" and out is None and not _needs_grad(input, weight, bias):
-            if cuda_kernels.fuses(input, layout, _config_list(backend, config)[3]):
+            kernel = cuda_kernels.read_once(input, layout, _config_list(backend, config)[3])
+            if kernel:
                 y = torch.empty_like(input)
-                cuda_kernels.fused_training(input, y, weight, bias, running_mean, running_var, momentum, eps)
+                cuda_kernels.fused_training(input, y, weight, bias, running_mean, running_var, momentum, eps, kernel)
                 return y
         mean, var = _batch_stats(input, running_mean, running_var, momentum, backend)
     return _normalize(input, mean, var, weight, bias, eps, backend, config, out)

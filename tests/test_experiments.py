@@ -111,13 +111,15 @@ def test_static_checker_ignores_comments():
     assert kernelbench.static_problems(code, "cuda") == []
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"] if HAS_GPU else ["triton"])
-def test_kernelbench_model_matches_batchnorm2d(backend, monkeypatch):
-    """ModelNew against nn.BatchNorm2d over training steps and in eval: outputs and every buffer. On a GPU
-    with every channel counted as large, so the CUDA file's fused kernel runs."""
+@pytest.mark.parametrize("backend, kernel", [("cuda", "channel"), ("cuda", "grid"), ("triton", "")] if HAS_GPU
+                         else [("triton", "")])
+def test_kernelbench_model_matches_batchnorm2d(backend, kernel, monkeypatch):
+    """ModelNew against nn.BatchNorm2d over training steps and in eval: outputs and every buffer. The CUDA
+    file on a GPU with each of its one-kernel paths chosen for these small channels."""
     module = kernelbench.load(kernelbench.FILES[backend])
-    if backend == "cuda":
-        monkeypatch.setattr(module, "FUSED_MIN_CHANNEL_BYTES", 0)
+    if kernel == "grid":
+        monkeypatch.setattr(module, "CHANNEL_BLOCK_BYTES", 0)
+        monkeypatch.setattr(module, "GRID_MIN_CHANNEL_BYTES", 0)
     reference, ours = torch.nn.BatchNorm2d(8).to(DEVICE), module.ModelNew(8).to(DEVICE)
     with torch.no_grad():
         for training in (True, True, True, False):

@@ -37,10 +37,11 @@ def check_training(y, x, old_mean, old_var, running_mean, running_var, weight, b
     assert relative_error(running_var, expected_var) <= 1e-6
 
 
+@pytest.mark.parametrize("shape", [(8, 4, 64, 64), (8, 4, 16, 16)], ids=["three_kernels", "one_kernel"])
 @pytest.mark.parametrize("backend", TRAINING_BACKENDS)
-def test_variance_survives_a_large_mean(backend):
+def test_variance_survives_a_large_mean(backend, shape):
     """A mean 10^4 times the spread: a sum of squares in float32 would lose the variance entirely."""
-    x = torch.rand(8, 4, 64, 64, device=DEVICE) + 1e4
+    x = torch.rand(shape, device=DEVICE) + 1e4
     running_mean, running_var = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
     batch_norm(x, running_mean, running_var, training=True, momentum=1.0, backend=backend)
     mean, var = batch_stats_reference(x)
@@ -59,31 +60,36 @@ def test_half_running_statistics(backend):
     assert relative_error(running_mean, expected_mean) <= 1e-3
 
 
-# The fused kernel on: fewer vectors than blocks, a channel that fits on chip, and channels larger than an
-# H100 holds on chip (their tails are read twice).
-FUSED_SHAPES = [(2, 3, 4, 4), (4, 5, 36, 36), (8, 3, 512, 512), (48, 2, 512, 512), (3, 2, 2048, 2052)]
+# The one-kernel paths. A block per channel: planes of whole vectors or not, one element per plane, every
+# dtype. The persistent grid (float32): fewer vectors than blocks, a channel that fits on chip, and channels
+# larger than an H100 holds on chip (their tails are read twice).
+CHANNEL_CASES = [(shape, dtype) for shape in [(2, 3, 4, 4), (4, 6, 7, 7), (3, 5, 13, 17), (64, 4, 1, 1), (8, 3, 56, 56)]
+                 for dtype in DTYPES]
+GRID_CASES = [(shape, torch.float32) for shape in [(2, 3, 4, 4), (4, 5, 36, 36), (8, 3, 512, 512), (48, 2, 512, 512),
+                                                   (3, 2, 2048, 2052)]]
 
 
 @gpu
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fused_training_matches_float64(shape, affine):
-    x = torch.randn(shape, device="cuda") * 2 + 3
+@pytest.mark.parametrize("kernel, shape, dtype", [("channel", *c) for c in CHANNEL_CASES] + [("grid", *c) for c in GRID_CASES],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).removeprefix("torch."))
+def test_one_kernel_training_matches_float64(kernel, shape, dtype, affine):
+    x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype)
     params = make_params(shape[1], affine=affine)
     old = [p.clone() for p in params[:2]]
     y = torch.full_like(x, float("nan"))
-    cuda_kernels.fused_training(x, y, *params[2:], *params[:2], 0.25, 1e-5)
+    cuda_kernels.fused_training(x, y, *params[2:], *params[:2], 0.25, 1e-5, kernel)
     check_training(y, x, *old, *params, momentum=0.25)
 
 
 @gpu
-@pytest.mark.parametrize("fused", [1, 0], ids=["fused", "three_kernels"])
+@pytest.mark.parametrize("fused", [1, 0], ids=["one_kernel", "three_kernels"])
 def test_batch_norm_training_paths(fused):
-    """batch_norm's CUDA training path with the fused kernel forced on and off, with and without running
+    """batch_norm's CUDA training path with one kernel forced on and off, with and without running
     statistics."""
     x = torch.randn(4, 6, 20, 20, device="cuda")
     params = make_params(6)
-    assert cuda_kernels.fuses(x, "nchw", fused) == bool(fused)
+    assert cuda_kernels.read_once(x, "nchw", fused) == ("channel" if fused else "")
     config = CudaConfig(fused=fused)
     old = [p.clone() for p in params[:2]]
     y = batch_norm(x, *params, training=True, momentum=0.5, config=config)
@@ -93,13 +99,14 @@ def test_batch_norm_training_paths(fused):
     assert batch_norm_error(y, x, mean, var, *params[2:]) <= TOLERANCE[torch.float32]
 
 
-def test_fused_kernel_rule():
-    """The fused kernel for large float32 NCHW channels (or wherever it applies, when forced); never for
-    channels_last, other dtypes, or planes of partial vectors."""
+def test_read_once_rule():
+    """A block per channel up to CHANNEL_BLOCK_BYTES, the grid for large float32 channels, else three kernels;
+    never for channels_last."""
     def rule(shape, dtype=torch.float32, layout="nchw", fused=-1):
-        return cuda_kernels.fuses(torch.empty(shape, dtype=dtype, device="meta"), layout, fused)
+        x = torch.empty(shape, dtype=dtype, device="meta")
+        return cuda_kernels.read_once(x, layout, fused)
 
-    assert rule((64, 64, 512, 512)) and not rule((64, 64, 512, 512), fused=0)
-    assert not rule((32, 256, 56, 56)) and rule((32, 256, 56, 56), fused=1)
-    assert not rule((64, 64, 512, 512), torch.float16, fused=1) and not rule((32, 64, 7, 7), fused=1)
-    assert not rule((64, 64, 512, 512), layout="channels_last", fused=1)
+    assert rule((32, 2048, 7, 7)) == rule((32, 2048, 7, 7), torch.float16) == "channel"
+    assert rule((32, 2048, 7, 7), layout="channels_last") == rule((32, 2048, 7, 7), fused=0) == ""
+    assert rule((32, 256, 56, 56)) == "" and rule((32, 256, 56, 56), fused=1) == "grid"
+    assert rule((64, 64, 512, 512)) == "grid" and rule((64, 64, 512, 512), torch.float16) == ""
