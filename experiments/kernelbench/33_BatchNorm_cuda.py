@@ -915,7 +915,9 @@ int64_t stats_parts(const StatsLaunch& l) {
 cudaError_t launch_stats(const StatsLaunch& l) {
   // The fused kernel is built for float32 only: with 16-bit or float64 vectors it spills registers.
   if (l.fused == Fused::Grid) return l.dtype == DType::Float ? fused_typed<float>(l) : cudaErrorInvalidValue;
-  if (l.fused == Fused::Channel) BN2D_DISPATCH(l.dtype, channel_typed, l);
+  if (l.fused == Fused::Channel) {
+    BN2D_DISPATCH(l.dtype, channel_typed, l);
+  }
   BN2D_DISPATCH(l.dtype, stats_typed, l);
 }
 
