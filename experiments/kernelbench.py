@@ -70,6 +70,11 @@ CUDA_FORWARD = """\
         _check(_module.nchw(x, y, self.weight, self.bias, mean, var, self.eps, 256, True, 0))"""
 
 TRITON_FORWARD = """\
+            kernel = read_once(x, _layout(x))
+            if kernel:
+                fused_training(x, y, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
+                               self.eps, kernel)
+                return y
             mean, var = batch_stats(x, _layout(x), self.running_mean, self.running_var, self.momentum)
         normalize(x, y, self.weight, self.bias, mean, var, self.eps, _layout(x), (0, 0, 0))"""
 

@@ -1227,9 +1227,11 @@ CHANNEL_BLOCK_BYTES = 112 << 10
 GRID_MIN_CHANNEL_BYTES = 32 << 20
 
 
-def read_once(x, layout: str, fused: int = -1) -> str:
+def read_once(x, layout: str, config=None) -> str:
     """The one kernel that runs the training forward of x (into a freshly allocated, so aligned, output):
-    "channel", "grid", or "" for three kernels; `fused` as in CudaConfig. The rule, in one place."""
+    "channel", "grid", or "" for three kernels; `config` holds a CudaConfig's fields (its `fused` decides;
+    None: the default). The rule, in one place."""
+    fused = -1 if config is None else config[3]
     n, c, h, w = x.shape
     channel_bytes = n * h * w * x.element_size()
     if layout != "nchw" or fused == 0:

@@ -47,11 +47,12 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     mean, var = running_mean, running_var
     if training:
         input, layout = _layout(input, backend)  # once: input in other strides is copied here, not per kernel
-        if backend == "cuda" and out is None and not _needs_grad(input, weight, bias):
-            kernel = cuda_kernels.read_once(input, layout, _config_list(backend, config)[3])
+        if backend != "cuda_naive" and out is None and not _needs_grad(input, weight, bias):
+            kernels = _kernels(backend)
+            kernel = kernels.read_once(input, layout, _config_list(backend, config))
             if kernel:
                 y = torch.empty_like(input)
-                cuda_kernels.fused_training(input, y, weight, bias, running_mean, running_var, momentum, eps, kernel)
+                kernels.fused_training(input, y, weight, bias, running_mean, running_var, momentum, eps, kernel)
                 return y
         mean, var = _batch_stats(input, running_mean, running_var, momentum, backend)
     return _normalize(input, mean, var, weight, bias, eps, backend, config, out)
@@ -121,9 +122,12 @@ def _layout(x: Tensor, backend: str):
     return _layout(x.contiguous(memory_format=fmt), backend)
 
 
+def _kernels(backend: str):
+    return triton_kernels if backend == "triton" else cuda_kernels
+
+
 def _launch(x, y, layout, mean, var, weight, bias, eps, backend, config: List[int]):
-    kernels = triton_kernels if backend == "triton" else cuda_kernels
-    kernels.normalize(x, y, weight, bias, mean, var, eps, layout, config)
+    _kernels(backend).normalize(x, y, weight, bias, mean, var, eps, layout, config)
 
 
 def _normalize_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -193,8 +197,7 @@ def _batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optiona
     PyTorch ops, which autograd differentiates) or the backend is the naive kernel (eval only)."""
     if backend != "cuda_naive" and not _needs_grad(x):
         x, layout = _layout(x, backend)
-        kernels = triton_kernels if backend == "triton" else cuda_kernels
-        return kernels.batch_stats(x, layout, running_mean, running_var, momentum)
+        return _kernels(backend).batch_stats(x, layout, running_mean, running_var, momentum)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
     if running_mean is not None:

@@ -38,11 +38,9 @@ def default_config(rows: int, cols: int) -> TritonConfig:
 
 
 @triton.jit
-def _affine(c, mask, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
-            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+def _scale_shift(c, mask, mean, var, weight_ptr, bias_ptr, eps,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
     """scale = weight / sqrt(var + eps), shift = bias - mean * scale, for the channels in `c`."""
-    mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(ACC)
-    var = tl.load(var_ptr + c, mask=mask, other=1.0).to(ACC)
     scale = tl.rsqrt(var + eps)
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + c, mask=mask, other=1.0).to(ACC)
@@ -50,6 +48,15 @@ def _affine(c, mask, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
     if HAS_BIAS:
         shift = shift + tl.load(bias_ptr + c, mask=mask, other=0.0).to(ACC)
     return scale, shift
+
+
+@triton.jit
+def _affine(c, mask, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
+            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """_scale_shift with the channels' mean and var loaded from memory."""
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(ACC)
+    var = tl.load(var_ptr + c, mask=mask, other=1.0).to(ACC)
+    return _scale_shift(c, mask, mean, var, weight_ptr, bias_ptr, eps, HAS_WEIGHT, HAS_BIAS, ACC)
 
 
 @triton.jit
@@ -210,13 +217,18 @@ def finalize_kernel(n_ptr, mean_ptr, m2_ptr, P, C, batch_mean_ptr, batch_var_ptr
     tl.store(batch_mean_ptr + c, mean.to(batch_mean_ptr.dtype.element_ty), mask=c_mask)
     tl.store(batch_var_ptr + c, (m2 / tl.maximum(total, 1.0)).to(batch_var_ptr.dtype.element_ty), mask=c_mask)
     if HAS_RUNNING:
-        # As PyTorch: the running variance takes the unbiased batch variance.
-        old_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(tl.float64)
-        old_var = tl.load(running_var_ptr + c, mask=c_mask).to(tl.float64)
-        new_mean = (1 - momentum) * old_mean + momentum * mean
-        new_var = (1 - momentum) * old_var + momentum * (m2 / tl.maximum(total - 1, 1.0))
-        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
-        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+        _update_running(running_mean_ptr, running_var_ptr, c, c_mask, mean, m2 / tl.maximum(total - 1, 1.0), momentum)
+
+
+@triton.jit
+def _update_running(running_mean_ptr, running_var_ptr, c, mask, mean, unbiased_var, momentum):
+    """As PyTorch: the running statistics move towards the batch's, the variance with Bessel's correction."""
+    old_mean = tl.load(running_mean_ptr + c, mask=mask).to(tl.float64)
+    old_var = tl.load(running_var_ptr + c, mask=mask).to(tl.float64)
+    new_mean = (1 - momentum) * old_mean + momentum * mean.to(tl.float64)
+    new_var = (1 - momentum) * old_var + momentum * unbiased_var.to(tl.float64)
+    tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=mask)
+    tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=mask)
 
 
 def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
@@ -249,3 +261,54 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
         running_mean if has_running else mean, running_var if has_running else var, momentum,
         HAS_RUNNING=has_running, BLOCK_P=64, BLOCK_C=block_c)
     return mean, var
+
+
+# Training in one program per channel (NCHW) where the channel fits in one tile: the program loads its
+# channel once, takes its mean and then the spread around it from registers, updates the running statistics
+# and writes the channel normalised -- x read once, one launch. Triton's counterpart of the CUDA module's
+# block-per-channel kernel (it has none of the persistent grid's: programs cannot wait for each other).
+CHANNEL_TILE_ELEMENTS = 16384
+
+
+@triton.jit
+def channel_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, momentum, eps, N, C, L,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ROW_LEN: tl.constexpr):
+    if ROW_LEN:  # as in normalize_kernel: a compile-time row length keeps the rows' alignment known
+        L = ROW_LEN
+    c = tl.program_id(0).to(tl.int64)
+    batch = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_L)
+    mask = (batch < N)[:, None] & (cols < L)[None, :]
+    offsets = (batch[:, None] * C + c) * L + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    count = N * L
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    d = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
+    if HAS_RUNNING:
+        _update_running(running_mean_ptr, running_var_ptr, c, True, mean, var * count / tl.maximum(count - 1, 1),
+                        momentum)
+    scale, shift = _scale_shift(c, True, mean, var, weight_ptr, bias_ptr, eps, HAS_WEIGHT, HAS_BIAS, ACC)
+    tl.store(y_ptr + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def read_once(x, layout: str, config=None) -> str:
+    """"channel" where the training forward of x runs as channel_kernel (NCHW channels of one tile of at most
+    CHANNEL_TILE_ELEMENTS), else "" (three kernels). The rule, in one place; `config` is not consulted."""
+    n, c, h, w = x.shape
+    fits = triton.next_power_of_2(n) * triton.next_power_of_2(h * w) <= CHANNEL_TILE_ELEMENTS
+    return "channel" if layout == "nchw" and fits else ""
+
+
+def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, kernel: str):
+    """y = x normalised with its batch statistics, the running statistics updated, by `kernel` (as read_once
+    chose) reading x once."""
+    n, c, h, w = x.shape
+    block_n, block_l = triton.next_power_of_2(n), triton.next_power_of_2(h * w)
+    has_running = running_mean is not None
+    channel_kernel[(c,)](
+        x, y, weight, bias, running_mean if has_running else x, running_var if has_running else x, momentum, eps,
+        n, c, h * w, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
+        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_N=block_n, BLOCK_L=block_l,
+        ROW_LEN=h * w if h * w % 16 else 0, num_warps=8 if block_n * block_l >= 4096 else 4)

@@ -1,9 +1,9 @@
 """Training mode against float64: the output normalised by the batch statistics, and the running statistics."""
 import pytest
 import torch
-from conftest import BACKENDS, DEVICE, SHAPES, TOLERANCE, gpu, make_layout, make_params
+from conftest import BACKENDS, DEVICE, HAS_GPU, SHAPES, TOLERANCE, gpu, make_layout, make_params
 
-from kernels import CudaConfig, batch_norm, cuda_kernels, output_like
+from kernels import CudaConfig, batch_norm, cuda_kernels, output_like, triton_kernels
 from kernels.reference import batch_norm_error, batch_stats_reference, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -69,16 +69,24 @@ GRID_CASES = [(shape, torch.float32) for shape in [(2, 3, 4, 4), (4, 5, 36, 36),
                                                    (3, 2, 2048, 2052)]]
 
 
-@gpu
+def _fits_triton(shape):
+    return triton_kernels.read_once(torch.empty(shape, device="meta"), "nchw") == "channel"
+
+
+ONE_KERNEL_CASES = [("triton", "channel", *c) for c in CHANNEL_CASES if _fits_triton(c[0])] + (
+    [("cuda", "channel", *c) for c in CHANNEL_CASES] + [("cuda", "grid", *c) for c in GRID_CASES] if HAS_GPU else [])
+
+
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-@pytest.mark.parametrize("kernel, shape, dtype", [("channel", *c) for c in CHANNEL_CASES] + [("grid", *c) for c in GRID_CASES],
+@pytest.mark.parametrize("backend, kernel, shape, dtype", ONE_KERNEL_CASES,
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).removeprefix("torch."))
-def test_one_kernel_training_matches_float64(kernel, shape, dtype, affine):
-    x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype)
+def test_one_kernel_training_matches_float64(backend, kernel, shape, dtype, affine):
+    x = (torch.randn(shape, device=DEVICE) * 2 + 3).to(dtype)
     params = make_params(shape[1], affine=affine)
     old = [p.clone() for p in params[:2]]
     y = torch.full_like(x, float("nan"))
-    cuda_kernels.fused_training(x, y, *params[2:], *params[:2], 0.25, 1e-5, kernel)
+    kernels = cuda_kernels if backend == "cuda" else triton_kernels
+    kernels.fused_training(x, y, *params[2:], *params[:2], 0.25, 1e-5, kernel)
     check_training(y, x, *old, *params, momentum=0.25)
 
 
@@ -89,7 +97,7 @@ def test_batch_norm_training_paths(fused):
     statistics."""
     x = torch.randn(4, 6, 20, 20, device="cuda")
     params = make_params(6)
-    assert cuda_kernels.read_once(x, "nchw", fused) == ("channel" if fused else "")
+    assert cuda_kernels.read_once(x, "nchw", CudaConfig(fused=fused)) == ("channel" if fused else "")
     config = CudaConfig(fused=fused)
     old = [p.clone() for p in params[:2]]
     y = batch_norm(x, *params, training=True, momentum=0.5, config=config)
@@ -104,9 +112,10 @@ def test_read_once_rule():
     never for channels_last."""
     def rule(shape, dtype=torch.float32, layout="nchw", fused=-1):
         x = torch.empty(shape, dtype=dtype, device="meta")
-        return cuda_kernels.read_once(x, layout, fused)
+        return cuda_kernels.read_once(x, layout, CudaConfig(fused=fused))
 
     assert rule((32, 2048, 7, 7)) == rule((32, 2048, 7, 7), torch.float16) == "channel"
     assert rule((32, 2048, 7, 7), layout="channels_last") == rule((32, 2048, 7, 7), fused=0) == ""
     assert rule((32, 256, 56, 56)) == "" and rule((32, 256, 56, 56), fused=1) == "grid"
     assert rule((64, 64, 512, 512)) == "grid" and rule((64, 64, 512, 512), torch.float16) == ""
+    assert _fits_triton((32, 2048, 14, 14)) and not _fits_triton((32, 256, 28, 28))
