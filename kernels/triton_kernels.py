@@ -91,6 +91,27 @@ def normalize_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
     tl.store(y_ptr + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# NCHW planes shorter than FLAT_MAX_PLANE elements and not a whole number of 16 (7x7: 49): no row of such a
+# plane is aligned, so the tile kernel loses its wide accesses. The flat kernel reads the tensor as one
+# aligned array and gathers each element's scale and shift by its channel, (offset // PLANE) % C with PLANE a
+# compile-time constant, as torch.compile's generated kernel does; tiles of at most FLAT_BLOCK elements keep
+# the per-element gathers in registers.
+FLAT_MAX_PLANE = 64
+FLAT_BLOCK = 2048
+
+
+@triton.jit
+def normalize_flat_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps, NUMEL, C,
+                          PLANE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < NUMEL
+    scale, shift = _affine((offsets // PLANE) % C, mask, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
+                           HAS_WEIGHT, HAS_BIAS, ACC)
+    x = tl.load(x_ptr + offsets, mask=mask).to(ACC)
+    tl.store(y_ptr + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
     """y = x * scale[c] + shift[c] for `layout` in ("nchw", "channels_last"); x and y share strides.
     `config` holds a TritonConfig's fields in order (0: the default)."""
@@ -105,11 +126,17 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
         given or default
         for given, default in zip(config, default_config(rows, cols))
     )
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    if layout == "nchw" and cols % 16 and cols < FLAT_MAX_PLANE:
+        block = min(block_r * block_l, FLAT_BLOCK)  # a config's tile, as a flat count
+        normalize_flat_kernel[(triton.cdiv(x.numel(), block),)](
+            x, y, weight, bias, mean, var, eps, x.numel(), c, PLANE=cols, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, ACC=acc, BLOCK=block, num_warps=num_warps)
+        return
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_l),)
     normalize_kernel[grid](
         x, y, weight, bias, mean, var, eps, rows, cols, c,
-        CHANNEL_PER_ROW=layout == "nchw", HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        CHANNEL_PER_ROW=layout == "nchw", HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=acc,
         BLOCK_R=block_r, BLOCK_L=block_l, ROW_LEN=cols if cols % 16 and cols <= MAX_BLOCK_L else 0,
         num_warps=num_warps,
     )
