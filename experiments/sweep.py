@@ -8,6 +8,7 @@ Rows already in --out are skipped, so an interrupted sweep resumes where it stop
 """
 import argparse
 import csv
+import functools
 import itertools
 import time
 from pathlib import Path
@@ -166,7 +167,7 @@ def main(argv=None):
                 copy_key = (shape, dtype_name, layout, row["timing"], row["repeat"])
                 if copy_key not in copies:
                     y = torch.empty_like(x)
-                    copies[copy_key] = time_ms(lambda: y.copy_(x), row["timing"])[0]
+                    copies[copy_key] = time_ms(functools.partial(y.copy_, x), row["timing"])[0]
                 median, p20, p80 = time_ms(fn, row["timing"])
                 copy_ms = copies[copy_key]
                 roof_ms = copy_ms * nbytes / copy_bytes  # the forward's bytes at the copy's bandwidth
