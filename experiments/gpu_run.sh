@@ -27,7 +27,7 @@ args=("$@")
 python -m experiments.sweep "${args[@]}" --out "$out/sweep.csv" > "$out/sweep.log" 2>&1
 sweep=$?
 if [ "${PLOT:-1}" = 1 ]; then
-  python -m experiments.plot --sweep "$out/sweep.csv" --build "$out/build_cost.csv" --out "$out/figures" > "$out/plot.log" 2>&1
+  python -m experiments.plot --sweep "$out/sweep.csv" --grids --build "$out/build_cost.csv" --out "$out/figures" > "$out/plot.log" 2>&1
 fi
 [ -f "$out/gpu-tests.log" ] && echo "== $(grep -E 'passed|failed' "$out/gpu-tests.log" | tail -1)"
 tail -8 "$out/kernelbench.log"

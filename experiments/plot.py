@@ -16,9 +16,10 @@ import pandas as pd  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
-# The runs the figures and the README come from: the eval full sweep and its launch-config grid, and the
-# training sweep (older runs stay in results/ for the notes that quote them).
-CURRENT = [RESULTS / "eval_full_h100.csv", RESULTS / "eval_grid_h100.csv", RESULTS / "train_quick_h100.csv"]
+# The runs the figures and the README come from: the eval full sweep and the training sweep, and the
+# launch-config grid for the heatmaps (older runs stay in results/ for the notes that quote them).
+CURRENT = [RESULTS / "eval_full_h100.csv", RESULTS / "train_quick_h100.csv"]
+GRIDS = [RESULTS / "eval_grid_h100.csv"]
 OURS = ["cuda", "triton"]
 BASELINES = ["torch", "torch_compile"]
 COLORS = {"cuda": "C0", "cuda_naive": "C7", "triton": "C1", "torch": "C2", "torch_nocudnn": "C4",
@@ -27,8 +28,11 @@ COLORS = {"cuda": "C0", "cuda_naive": "C7", "triton": "C1", "torch": "C2", "torc
 FP32_TFLOPS = [("A100", 19.5), ("H100 PCIe", 51.2), ("H100", 66.9), ("H200", 66.9)]
 
 
-def load_sweep(paths) -> pd.DataFrame:
-    df = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+def load_sweep(paths, grids=()) -> pd.DataFrame:
+    """The sweeps in `paths`, and the launch configs of the grid runs in `grids` (their default-config rows
+    are left out: the sweep measures those, and a grid run from another commit would mix into its medians)."""
+    frames = [pd.read_csv(p) for p in paths] + [g[g.config != "default"] for g in map(pd.read_csv, grids)]
+    df = pd.concat(frames, ignore_index=True)
     df["shape"] = df.n.astype(str) + "x" + df.c.astype(str) + "x" + df.h.astype(str) + "x" + df.w.astype(str)
     df["numel"] = df.n * df.c * df.h * df.w
     return df
@@ -227,11 +231,12 @@ def save(out: Path, name: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", nargs="+", type=Path, default=CURRENT)
+    parser.add_argument("--grids", nargs="*", type=Path, default=GRIDS, help="launch-config grid runs")
     parser.add_argument("--build", type=Path, default=RESULTS / "build_cost_h100.csv")
     parser.add_argument("--out", type=Path, default=FIGURES)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    df = load_sweep(args.sweep)
+    df = load_sweep(args.sweep, args.grids)
     bandwidth(df, args.out)
     roofline(df, args.out)
     heatmaps(df, args.out)

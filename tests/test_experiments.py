@@ -61,12 +61,19 @@ def test_sweep_times_training_mode(tmp_path):
 
 
 def test_every_figure_from_the_fixture(tmp_path):
-    plot.main(["--sweep", str(DATA / "sweep_fixture.csv"), "--build", str(DATA / "build_cost_fixture.csv"),
+    plot.main(["--sweep", str(DATA / "sweep_fixture.csv"), "--grids", "--build", str(DATA / "build_cost_fixture.csv"),
                "--out", str(tmp_path)])
     made = {p.name for p in tmp_path.glob("*.png")}
     tuned = {row["backend"] for row in csv.DictReader((DATA / "sweep_fixture.csv").open()) if row["config"] != "default"}
     assert made == {"bandwidth.png", "roofline.png", "cuda_vs_triton.png", "speedup.png", "small_shape_latency.png",
                     "build_times.png", "training.png"} | {f"heatmap_{backend}.png" for backend in tuned}
+
+
+def test_grid_runs_give_only_their_launch_configs():
+    full = plot.load_sweep([DATA / "sweep_fixture.csv"])
+    grid = plot.load_sweep([], [DATA / "sweep_fixture.csv"])
+    assert len(grid) == (full.config != "default").sum() > 0
+    assert (grid.config != "default").all()
 
 
 def test_host_overhead_writes_one_row_per_call(tmp_path):

@@ -874,6 +874,19 @@ cudaError_t fused_typed(const StatsLaunch& l) {
                                      shared, l.stream);
 }
 
+// A block per channel loads, merges and stores in turn, so waves of blocks add up: the largest block of
+// CHANNEL_THREADS, half or a quarter of it that still puts every channel on the GPU at once (as many blocks
+// per SM as registers and shared memory allow), else the smallest.
+template <typename Kernel>
+int channel_threads(Kernel kernel, size_t shared, int64_t channels) {
+  int threads = CHANNEL_THREADS;
+  for (int blocks = 0; threads > CHANNEL_THREADS / 4; threads /= 2) {
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared);
+    if (int64_t(blocks) * sm_count() >= channels) break;
+  }
+  return threads;
+}
+
 template <typename scalar_t, int VEC>
 cudaError_t channel_launch(const StatsLaunch& l) {
   const int64_t plane_vecs = l.plane / VEC, units = l.numel / l.channels / VEC;
@@ -881,7 +894,7 @@ cudaError_t channel_launch(const StatsLaunch& l) {
   if (int64_t(shared) > device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) - 1024) return cudaErrorInvalidValue;
   const auto kernel = channel_kernel<scalar_t, VEC>;
   if (const cudaError_t error = reserve_shared(kernel, shared); error != cudaSuccess) return error;
-  kernel<<<l.channels, CHANNEL_THREADS, shared, l.stream>>>(
+  kernel<<<l.channels, channel_threads(kernel, shared, l.channels), shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(units), plane_vecs,
       make_fast_div(uint32_t(plane_vecs)), l.running_mean, l.running_var, l.running_fp32, l.momentum);
   return cudaGetLastError();
