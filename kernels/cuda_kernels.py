@@ -724,7 +724,7 @@ int64_t cap_blocks(int64_t blocks, int64_t max_blocks) {
   return max_blocks > 0 ? std::min(blocks, max_blocks) : blocks;
 }
 
-bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % VEC_BYTES == 0; }
+bool aligned(const void* p, size_t bytes = VEC_BYTES) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Threads along a row of `vectors` channel vectors: a power of two, at most a warp and at most `threads`.
 int64_t row_threads(int64_t vectors, int64_t threads) {
@@ -929,12 +929,19 @@ cudaError_t channel_launch(const StatsLaunch& l) {
   return cudaGetLastError();
 }
 
-// The whole channel as 16-byte vectors where x, y and the planes allow.
+// The whole channel in the widest vectors x, y and the planes allow: 16 bytes, else 8 (14x14 planes of a
+// 16-bit type), else single elements.
 template <typename scalar_t>
 cudaError_t channel_typed(const StatsLaunch& l) {
   constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
-  const bool vectorized = aligned(l.x) && aligned(l.y) && l.plane % VEC == 0;
-  return vectorized ? channel_launch<scalar_t, VEC>(l) : channel_launch<scalar_t, 1>(l);
+  const auto fits = [&](int vec) {
+    return aligned(l.x, vec * sizeof(scalar_t)) && aligned(l.y, vec * sizeof(scalar_t)) && l.plane % vec == 0;
+  };
+  if (fits(VEC)) return channel_launch<scalar_t, VEC>(l);
+  if constexpr (VEC > 2) {
+    if (fits(VEC / 2)) return channel_launch<scalar_t, VEC / 2>(l);
+  }
+  return channel_launch<scalar_t, 1>(l);
 }
 
 #define BN2D_DISPATCH(dtype, fn, l)                        \

@@ -60,10 +60,12 @@ def test_half_running_statistics(backend):
     assert relative_error(running_mean, expected_mean) <= 1e-3
 
 
-# The one-kernel paths. A block per channel: planes of whole vectors or not, one element per plane, every
-# dtype. The persistent grid (float32): fewer vectors than blocks, a channel that fits on chip, and channels
-# larger than an H100 holds on chip (their tails are read twice).
-CHANNEL_CASES = [(shape, dtype) for shape in [(2, 3, 4, 4), (4, 6, 7, 7), (3, 5, 13, 17), (64, 4, 1, 1), (8, 3, 56, 56)]
+# The one-kernel paths. A block per channel: planes of whole 16-byte vectors, of 8-byte ones (5x6 planes in
+# float32, 14x14 in 16-bit types) or neither, one element per plane, every dtype. The persistent grid
+# (float32): fewer vectors than blocks, a channel that fits on chip, and channels larger than an H100 holds on
+# chip (their tails are read twice).
+CHANNEL_CASES = [(shape, dtype) for shape in [(2, 3, 4, 4), (2, 3, 5, 6), (4, 16, 14, 14), (4, 6, 7, 7), (3, 5, 13, 17),
+                                              (64, 4, 1, 1), (8, 3, 56, 56)]
                  for dtype in DTYPES]
 GRID_CASES = [(shape, torch.float32) for shape in [(2, 3, 4, 4), (4, 5, 36, 36), (8, 3, 512, 512), (48, 2, 512, 512),
                                                    (3, 2, 2048, 2052)]]
