@@ -22,7 +22,8 @@ Training mode (batch statistics; the normalisation is then one of the kernels ab
   updates the running statistics;
 * ``fused_nchw_kernel`` -- the whole training forward reading x once, for large float32 NCHW channels: a
   persistent cooperative grid that keeps each channel on chip across one grid barrier;
-* ``channel_kernel`` -- the same for a channel that fits in a block's shared memory, a block per channel
+* ``channel_kernel`` -- the same for a channel that fits in a block's shared memory, a block per channel;
+  ``channel_group_kernel`` its channels_last counterpart, a block per 32 bytes of channels
   (``read_once`` chooses between them and the three kernels).
 """
 import os
@@ -75,9 +76,10 @@ cudaError_t launch_naive(const Launch& l);
 // M2) in `summary` (three arrays of parts * channels doubles, piece p of channel c at p * channels + c); a
 // finalize kernel merges each channel's pieces into its mean and biased variance (float32, float64 for
 // float64 input) and updates the running statistics (float32 or the input's dtype; null: none).
-// `fused`: the training forward in one kernel that reads x once (contiguous NCHW) and also writes y = x
-// normalised with `params` (whose mean and var it ignores): a block per channel (a channel that fits in a
-// block's shared memory) or a persistent grid (float32, 16-byte aligned, planes of whole vectors).
+// `fused`: the training forward in one kernel that reads x once and also writes y = x normalised with
+// `params` (whose mean and var it ignores): a block per channel (NCHW; a channel that fits in a block's
+// shared memory) or per group of channels (channels_last; 32 bytes of each row), or a persistent grid
+// (contiguous NCHW, float32, 16-byte aligned, planes of whole vectors).
 enum class Fused : int { None, Channel, Grid };
 
 struct StatsLaunch {
@@ -717,6 +719,95 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
   }
 }
 
+// The same for channels_last, where a channel is a column of the N * H * W rows: a block per group of
+// GROUP_BYTES-wide columns (one 32-byte sector per row), thread t on column t % cols of every
+// (blockDim.x / cols)-th row. The group stays in shared memory; mean, then the spread around it, are sums over
+// the block of each column (two passes over shared memory, no merges).
+constexpr int GROUP_BYTES = 32;
+
+// Per-column sums over the block: thread t holds K values of column t % cols (cols a power of two, at most
+// 32); every thread gets its column's sums. `scratch`: blockDim.x / 32 * cols * K doubles.
+template <int K>
+__device__ void column_sums(double (&v)[K], int cols, double* scratch) {
+  for (int offset = 16; offset >= cols; offset /= 2)
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] += __shfl_xor_sync(0xffffffff, v[k], offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane < cols)
+#pragma unroll
+    for (int k = 0; k < K; ++k) scratch[(warp * cols + lane) * K + k] = v[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = 0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w)
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] += scratch[(w * cols + lane % cols) * K + k];
+  __syncthreads();  // scratch is free again
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int rows, int cols,
+    void* running_mean, void* running_var, bool running_fp32, double momentum) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using vec_t = Vec<scalar_t, VEC>;
+  __shared__ double scratch[CHANNEL_THREADS / 32 * GROUP_BYTES / 2];  // cols * VEC <= 16 channels
+  vec_t* stash = reinterpret_cast<vec_t*>(shared_table);
+  const int col = threadIdx.x % cols, step = blockDim.x / cols;
+  const int64_t c0 = (int64_t(blockIdx.x) * cols + col) * VEC;  // the thread's first channel
+  const bool active = c0 < channels;  // channels is a multiple of VEC
+  const vec_t* xv = reinterpret_cast<const vec_t*>(x) + c0 / VEC;
+  vec_t* yv = reinterpret_cast<vec_t*>(y) + c0 / VEC;
+  const int64_t row_vecs = channels / VEC;
+  double sum[VEC] = {};
+  for (int base = threadIdx.x / cols; active && base < rows; base += step * UNROLL) {
+    vec_t in[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (base + u * step < rows) in[u] = xv[(base + u * step) * row_vecs];
+    acc_t part[VEC] = {};
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (base + u * step < rows) {
+        stash[(base + u * step) * cols + col] = in[u];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) part[j] += to_acc(in[u].v[j]);
+      }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sum[j] += part[j];
+  }
+  column_sums(sum, cols, scratch);
+  acc_t mean[VEC];
+  double m2[VEC] = {};
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) mean[j] = acc_t(sum[j] / rows);
+  for (int r = threadIdx.x / cols; active && r < rows; r += step) {
+    const vec_t v = stash[r * cols + col];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t d = to_acc(v.v[j]) - mean[j];
+      m2[j] += d * d;
+    }
+  }
+  column_sums(m2, cols, scratch);
+  if (!active) return;
+  Affine<acc_t> a[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    a[j] = affine_of<scalar_t, acc_t>(p, c0 + j, mean[j], acc_t(m2[j] / rows));
+    if (threadIdx.x < cols && running_mean != nullptr)
+      update_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j,
+                               Summary<double>{double(rows), sum[j] / rows, m2[j]}, momentum);
+  }
+  for (int r = threadIdx.x / cols; r < rows; r += step) {
+    const vec_t v = stash[r * cols + col];
+    vec_t out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = apply(v.v[j], a[j]);
+    yv[r * row_vecs] = out;
+  }
+}
+
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t cap_blocks(int64_t blocks, int64_t max_blocks) {
@@ -944,6 +1035,29 @@ cudaError_t channel_typed(const StatsLaunch& l) {
   return channel_launch<scalar_t, 1>(l);
 }
 
+template <typename scalar_t, int VEC>
+cudaError_t channel_group_launch(const StatsLaunch& l) {
+  const int64_t rows = l.numel / l.channels;
+  const int cols = GROUP_BYTES / int(sizeof(scalar_t)) / VEC;
+  const size_t shared = size_t(rows) * GROUP_BYTES;
+  if (int64_t(shared) > device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) - 1024) return cudaErrorInvalidValue;
+  const auto kernel = channel_group_kernel<scalar_t, VEC>;
+  if (const cudaError_t error = reserve_shared(kernel, shared); error != cudaSuccess) return error;
+  const int64_t groups = cdiv(l.channels, int64_t(cols) * VEC);
+  kernel<<<groups, channel_threads(kernel, shared, groups), shared, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(rows), cols,
+      l.running_mean, l.running_var, l.running_fp32, l.momentum);
+  return cudaGetLastError();
+}
+
+// 16-byte vectors where x, y and the channel count allow, else single elements.
+template <typename scalar_t>
+cudaError_t channel_group_typed(const StatsLaunch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  const bool vectorized = aligned(l.x) && aligned(l.y) && l.channels % VEC == 0;
+  return vectorized ? channel_group_launch<scalar_t, VEC>(l) : channel_group_launch<scalar_t, 1>(l);
+}
+
 #define BN2D_DISPATCH(dtype, fn, l)                        \
   switch (dtype) {                                       \
     case DType::Float: return fn<float>(l);              \
@@ -964,6 +1078,9 @@ int64_t stats_parts(const StatsLaunch& l) {
 cudaError_t launch_stats(const StatsLaunch& l) {
   // The fused kernel is built for float32 only: with 16-bit or float64 vectors it spills registers.
   if (l.fused == Fused::Grid) return l.dtype == DType::Float ? fused_typed<float>(l) : cudaErrorInvalidValue;
+  if (l.fused == Fused::Channel && l.channels_last) {
+    BN2D_DISPATCH(l.dtype, channel_group_typed, l);
+  }
   if (l.fused == Fused::Channel) {
     BN2D_DISPATCH(l.dtype, channel_typed, l);
   }
@@ -1136,16 +1253,19 @@ std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
 }
 
 // Training mode in one kernel that reads x from device memory once: y normalised with the batch statistics,
-// and the running statistics updated (when given). Contiguous NCHW; `per_channel`: a block per channel (the
-// channel must fit in a block's shared memory), else the persistent grid (float32, x and y 16-byte aligned,
-// planes of whole 16-byte vectors, fewer than 2^31 vectors per channel).
+// and the running statistics updated (when given). `per_channel`: a block per channel of contiguous NCHW, or
+// per channel group of channels_last (the channel or group must fit in a block's shared memory); else the
+// persistent grid (contiguous NCHW, float32, x and y 16-byte aligned, planes of whole 16-byte vectors, fewer
+// than 2^31 vectors per channel).
 std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                            const c10::optional<at::Tensor>& running_var, double momentum, double eps,
                            bool per_channel) {
   if (auto error = check_io(x, y); !error.empty()) return error;
   if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
-  BN2D_REQUIRE(x.is_contiguous(), "fused_training takes a contiguous (NCHW) input");
+  const bool channels_last = !x.is_contiguous();
+  BN2D_REQUIRE(!channels_last || (per_channel && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+               "fused_training takes a contiguous (NCHW) input, or a channels_last one for a block per channel");
   BN2D_REQUIRE(per_channel || (x.scalar_type() == at::kFloat && x.size(2) * x.size(3) % 4 == 0 &&
                                x.numel() / x.size(1) / 4 <= INT32_MAX &&
                                reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
@@ -1156,7 +1276,7 @@ std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::option
   launch.y = y.data_ptr();
   launch.params = params_of(weight, bias, x, nullptr, nullptr, x.scalar_type() == at::kFloat, eps);
   launch.fused = per_channel ? bn2d::Fused::Channel : bn2d::Fused::Grid;
-  return run_training(x, running_mean, running_var, momentum, false, launch);
+  return run_training(x, running_mean, running_var, momentum, channels_last, launch);
 }
 """
 
@@ -1240,22 +1360,25 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
 
 
 # Training reads x from device memory once where it pays (`read_once`, measured in experiments/NOTES.md,
-# "Training"): a block per channel where the channel fits in its shared memory; the persistent grid for
-# float32 channels of 32 MB or more (it synchronises the whole grid once per channel, a few microseconds);
-# between the two, three kernels.
+# "Training"): a block per channel (NCHW) or per 32 bytes of channels (channels_last) where that fits in a
+# block's shared memory; the persistent grid for float32 NCHW channels of 32 MB or more (it synchronises the
+# whole grid once per channel, a few microseconds); otherwise three kernels.
 CHANNEL_BLOCK_BYTES = 112 << 10
+GROUP_BYTES = 32  # of each channels_last row, the kernel's GROUP_BYTES
 GRID_MIN_CHANNEL_BYTES = 32 << 20
 
 
 def read_once(x, layout: str, config=None) -> str:
     """The one kernel that runs the training forward of x (into a freshly allocated, so aligned, output):
-    "channel", "grid", or "" for three kernels; `config` holds a CudaConfig's fields (its `fused` decides;
-    None: the default). The rule, in one place."""
+    "channel", "group" (channels_last), "grid", or "" for three kernels; `config` holds a CudaConfig's fields
+    (its `fused` decides; None: the default). The rule, in one place."""
     fused = -1 if config is None else config[3]
     n, c, h, w = x.shape
     channel_bytes = n * h * w * x.element_size()
-    if layout != "nchw" or fused == 0:
+    if fused == 0:
         return ""
+    if layout == "channels_last":
+        return "group" if n * h * w * min(c * x.element_size(), GROUP_BYTES) <= CHANNEL_BLOCK_BYTES else ""
     if channel_bytes <= CHANNEL_BLOCK_BYTES:
         return "channel"
     grid_applies = (x.dtype == torch.float32 and h * w % 4 == 0 and n * h * w < 2 ** 33
@@ -1265,9 +1388,10 @@ def read_once(x, layout: str, config=None) -> str:
 
 def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, kernel: str):
     """y = x normalised with its batch statistics, the running statistics updated, in one read of x by
-    `kernel` ("channel" or "grid", as read_once chose)."""
+    `kernel` ("channel", "group" or "grid", as read_once chose; the module tells the first two apart by x's
+    memory layout)."""
     error = module().fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps,
-                                    kernel == "channel")
+                                    kernel != "grid")
     _check(error)
 
 

@@ -67,16 +67,22 @@ def test_half_running_statistics(backend):
 CHANNEL_CASES = [(shape, dtype) for shape in [(2, 3, 4, 4), (2, 3, 5, 6), (4, 16, 14, 14), (4, 6, 7, 7), (3, 5, 13, 17),
                                               (64, 4, 1, 1), (8, 3, 56, 56)]
                  for dtype in DTYPES]
+# channels_last, a block per group of channels: fewer channels than a group, whole and partial groups of
+# vectors and of elements, 1x1 planes (NCHW is channels_last there), an odd channel count.
+GROUP_CASES = [(shape, dtype) for shape in [(2, 3, 4, 4), (4, 16, 7, 7), (3, 20, 5, 6), (64, 4, 1, 1), (2, 9, 13, 17)]
+               for dtype in DTYPES]
 GRID_CASES = [(shape, torch.float32) for shape in [(2, 3, 4, 4), (4, 5, 36, 36), (8, 3, 512, 512), (48, 2, 512, 512),
                                                    (3, 2, 2048, 2052)]]
 
 
-def _fits_triton(shape):
-    return triton_kernels.read_once(torch.empty(shape, device="meta"), "nchw") == "channel"
+def _fits_triton(shape, layout="nchw"):
+    return triton_kernels.read_once(torch.empty(shape, device="meta"), layout) != ""
 
 
-ONE_KERNEL_CASES = [("triton", "channel", *c) for c in CHANNEL_CASES if _fits_triton(c[0])] + (
-    [("cuda", "channel", *c) for c in CHANNEL_CASES] + [("cuda", "grid", *c) for c in GRID_CASES] if HAS_GPU else [])
+ONE_KERNEL_CASES = [("triton", "channel", *c) for c in CHANNEL_CASES if _fits_triton(c[0])] + [
+    ("triton", "group", *c) for c in GROUP_CASES if _fits_triton(c[0], "channels_last")] + (
+    [("cuda", "channel", *c) for c in CHANNEL_CASES] + [("cuda", "group", *c) for c in GROUP_CASES] +
+    [("cuda", "grid", *c) for c in GRID_CASES] if HAS_GPU else [])
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
@@ -84,6 +90,8 @@ ONE_KERNEL_CASES = [("triton", "channel", *c) for c in CHANNEL_CASES if _fits_tr
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).removeprefix("torch."))
 def test_one_kernel_training_matches_float64(backend, kernel, shape, dtype, affine):
     x = (torch.randn(shape, device=DEVICE) * 2 + 3).to(dtype)
+    if kernel == "group":
+        x = x.contiguous(memory_format=torch.channels_last)
     params = make_params(shape[1], affine=affine)
     old = [p.clone() for p in params[:2]]
     y = torch.full_like(x, float("nan"))
@@ -110,14 +118,18 @@ def test_batch_norm_training_paths(fused):
 
 
 def test_read_once_rule():
-    """A block per channel up to CHANNEL_BLOCK_BYTES, the grid for large float32 channels, else three kernels;
-    never for channels_last."""
+    """A block per channel up to CHANNEL_BLOCK_BYTES (channels_last: a block per group of channels, 32 bytes
+    of each row), the grid for large float32 NCHW channels, else three kernels."""
     def rule(shape, dtype=torch.float32, layout="nchw", fused=-1):
         x = torch.empty(shape, dtype=dtype, device="meta")
         return cuda_kernels.read_once(x, layout, CudaConfig(fused=fused))
 
     assert rule((32, 2048, 7, 7)) == rule((32, 2048, 7, 7), torch.float16) == "channel"
-    assert rule((32, 2048, 7, 7), layout="channels_last") == rule((32, 2048, 7, 7), fused=0) == ""
+    assert rule((32, 2048, 7, 7), fused=0) == rule((32, 2048, 7, 7), fused=0, layout="channels_last") == ""
+    assert rule((32, 2048, 7, 7), layout="channels_last") == rule((64, 3, 7, 7), layout="channels_last") == "group"
+    assert rule((32, 2048, 14, 14), layout="channels_last") == rule((256, 3, 7, 7), layout="channels_last") == ""
+    assert f"constexpr int GROUP_BYTES = {cuda_kernels.GROUP_BYTES};" in cuda_kernels.CUDA_SOURCE
     assert rule((32, 256, 56, 56)) == "" and rule((32, 256, 56, 56), fused=1) == "grid"
     assert rule((64, 64, 512, 512)) == "grid" and rule((64, 64, 512, 512), torch.float16) == ""
     assert _fits_triton((32, 2048, 14, 14)) and not _fits_triton((32, 256, 28, 28))
+    assert _fits_triton((32, 2048, 7, 7), "channels_last") and not _fits_triton((32, 2048, 14, 14), "channels_last")

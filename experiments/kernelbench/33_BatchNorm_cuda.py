@@ -48,9 +48,10 @@ cudaError_t launch_naive(const Launch& l);
 // M2) in `summary` (three arrays of parts * channels doubles, piece p of channel c at p * channels + c); a
 // finalize kernel merges each channel's pieces into its mean and biased variance (float32, float64 for
 // float64 input) and updates the running statistics (float32 or the input's dtype; null: none).
-// `fused`: the training forward in one kernel that reads x once (contiguous NCHW) and also writes y = x
-// normalised with `params` (whose mean and var it ignores): a block per channel (a channel that fits in a
-// block's shared memory) or a persistent grid (float32, 16-byte aligned, planes of whole vectors).
+// `fused`: the training forward in one kernel that reads x once and also writes y = x normalised with
+// `params` (whose mean and var it ignores): a block per channel (NCHW; a channel that fits in a block's
+// shared memory) or per group of channels (channels_last; 32 bytes of each row), or a persistent grid
+// (contiguous NCHW, float32, 16-byte aligned, planes of whole vectors).
 enum class Fused : int { None, Channel, Grid };
 
 struct StatsLaunch {
@@ -688,6 +689,95 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
   }
 }
 
+// The same for channels_last, where a channel is a column of the N * H * W rows: a block per group of
+// GROUP_BYTES-wide columns (one 32-byte sector per row), thread t on column t % cols of every
+// (blockDim.x / cols)-th row. The group stays in shared memory; mean, then the spread around it, are sums over
+// the block of each column (two passes over shared memory, no merges).
+constexpr int GROUP_BYTES = 32;
+
+// Per-column sums over the block: thread t holds K values of column t % cols (cols a power of two, at most
+// 32); every thread gets its column's sums. `scratch`: blockDim.x / 32 * cols * K doubles.
+template <int K>
+__device__ void column_sums(double (&v)[K], int cols, double* scratch) {
+  for (int offset = 16; offset >= cols; offset /= 2)
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] += __shfl_xor_sync(0xffffffff, v[k], offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane < cols)
+#pragma unroll
+    for (int k = 0; k < K; ++k) scratch[(warp * cols + lane) * K + k] = v[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = 0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w)
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] += scratch[(w * cols + lane % cols) * K + k];
+  __syncthreads();  // scratch is free again
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int rows, int cols,
+    void* running_mean, void* running_var, bool running_fp32, double momentum) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using vec_t = Vec<scalar_t, VEC>;
+  __shared__ double scratch[CHANNEL_THREADS / 32 * GROUP_BYTES / 2];  // cols * VEC <= 16 channels
+  vec_t* stash = reinterpret_cast<vec_t*>(shared_table);
+  const int col = threadIdx.x % cols, step = blockDim.x / cols;
+  const int64_t c0 = (int64_t(blockIdx.x) * cols + col) * VEC;  // the thread's first channel
+  const bool active = c0 < channels;  // channels is a multiple of VEC
+  const vec_t* xv = reinterpret_cast<const vec_t*>(x) + c0 / VEC;
+  vec_t* yv = reinterpret_cast<vec_t*>(y) + c0 / VEC;
+  const int64_t row_vecs = channels / VEC;
+  double sum[VEC] = {};
+  for (int base = threadIdx.x / cols; active && base < rows; base += step * UNROLL) {
+    vec_t in[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (base + u * step < rows) in[u] = xv[(base + u * step) * row_vecs];
+    acc_t part[VEC] = {};
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (base + u * step < rows) {
+        stash[(base + u * step) * cols + col] = in[u];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) part[j] += to_acc(in[u].v[j]);
+      }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sum[j] += part[j];
+  }
+  column_sums(sum, cols, scratch);
+  acc_t mean[VEC];
+  double m2[VEC] = {};
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) mean[j] = acc_t(sum[j] / rows);
+  for (int r = threadIdx.x / cols; active && r < rows; r += step) {
+    const vec_t v = stash[r * cols + col];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t d = to_acc(v.v[j]) - mean[j];
+      m2[j] += d * d;
+    }
+  }
+  column_sums(m2, cols, scratch);
+  if (!active) return;
+  Affine<acc_t> a[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    a[j] = affine_of<scalar_t, acc_t>(p, c0 + j, mean[j], acc_t(m2[j] / rows));
+    if (threadIdx.x < cols && running_mean != nullptr)
+      update_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j,
+                               Summary<double>{double(rows), sum[j] / rows, m2[j]}, momentum);
+  }
+  for (int r = threadIdx.x / cols; r < rows; r += step) {
+    const vec_t v = stash[r * cols + col];
+    vec_t out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = apply(v.v[j], a[j]);
+    yv[r * row_vecs] = out;
+  }
+}
+
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t cap_blocks(int64_t blocks, int64_t max_blocks) {
@@ -695,7 +785,7 @@ int64_t cap_blocks(int64_t blocks, int64_t max_blocks) {
   return max_blocks > 0 ? std::min(blocks, max_blocks) : blocks;
 }
 
-bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % VEC_BYTES == 0; }
+bool aligned(const void* p, size_t bytes = VEC_BYTES) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Threads along a row of `vectors` channel vectors: a power of two, at most a warp and at most `threads`.
 int64_t row_threads(int64_t vectors, int64_t threads) {
@@ -900,12 +990,42 @@ cudaError_t channel_launch(const StatsLaunch& l) {
   return cudaGetLastError();
 }
 
-// The whole channel as 16-byte vectors where x, y and the planes allow.
+// The whole channel in the widest vectors x, y and the planes allow: 16 bytes, else 8 (14x14 planes of a
+// 16-bit type), else single elements.
 template <typename scalar_t>
 cudaError_t channel_typed(const StatsLaunch& l) {
   constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
-  const bool vectorized = aligned(l.x) && aligned(l.y) && l.plane % VEC == 0;
-  return vectorized ? channel_launch<scalar_t, VEC>(l) : channel_launch<scalar_t, 1>(l);
+  const auto fits = [&](int vec) {
+    return aligned(l.x, vec * sizeof(scalar_t)) && aligned(l.y, vec * sizeof(scalar_t)) && l.plane % vec == 0;
+  };
+  if (fits(VEC)) return channel_launch<scalar_t, VEC>(l);
+  if constexpr (VEC > 2) {
+    if (fits(VEC / 2)) return channel_launch<scalar_t, VEC / 2>(l);
+  }
+  return channel_launch<scalar_t, 1>(l);
+}
+
+template <typename scalar_t, int VEC>
+cudaError_t channel_group_launch(const StatsLaunch& l) {
+  const int64_t rows = l.numel / l.channels;
+  const int cols = GROUP_BYTES / int(sizeof(scalar_t)) / VEC;
+  const size_t shared = size_t(rows) * GROUP_BYTES;
+  if (int64_t(shared) > device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) - 1024) return cudaErrorInvalidValue;
+  const auto kernel = channel_group_kernel<scalar_t, VEC>;
+  if (const cudaError_t error = reserve_shared(kernel, shared); error != cudaSuccess) return error;
+  const int64_t groups = cdiv(l.channels, int64_t(cols) * VEC);
+  kernel<<<groups, channel_threads(kernel, shared, groups), shared, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(rows), cols,
+      l.running_mean, l.running_var, l.running_fp32, l.momentum);
+  return cudaGetLastError();
+}
+
+// 16-byte vectors where x, y and the channel count allow, else single elements.
+template <typename scalar_t>
+cudaError_t channel_group_typed(const StatsLaunch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  const bool vectorized = aligned(l.x) && aligned(l.y) && l.channels % VEC == 0;
+  return vectorized ? channel_group_launch<scalar_t, VEC>(l) : channel_group_launch<scalar_t, 1>(l);
 }
 
 #define BN2D_DISPATCH(dtype, fn, l)                        \
@@ -928,6 +1048,9 @@ int64_t stats_parts(const StatsLaunch& l) {
 cudaError_t launch_stats(const StatsLaunch& l) {
   // The fused kernel is built for float32 only: with 16-bit or float64 vectors it spills registers.
   if (l.fused == Fused::Grid) return l.dtype == DType::Float ? fused_typed<float>(l) : cudaErrorInvalidValue;
+  if (l.fused == Fused::Channel && l.channels_last) {
+    BN2D_DISPATCH(l.dtype, channel_group_typed, l);
+  }
   if (l.fused == Fused::Channel) {
     BN2D_DISPATCH(l.dtype, channel_typed, l);
   }
@@ -979,9 +1102,10 @@ cudaError_t launch_naive(const Launch& l);
 // M2) in `summary` (three arrays of parts * channels doubles, piece p of channel c at p * channels + c); a
 // finalize kernel merges each channel's pieces into its mean and biased variance (float32, float64 for
 // float64 input) and updates the running statistics (float32 or the input's dtype; null: none).
-// `fused`: the training forward in one kernel that reads x once (contiguous NCHW) and also writes y = x
-// normalised with `params` (whose mean and var it ignores): a block per channel (a channel that fits in a
-// block's shared memory) or a persistent grid (float32, 16-byte aligned, planes of whole vectors).
+// `fused`: the training forward in one kernel that reads x once and also writes y = x normalised with
+// `params` (whose mean and var it ignores): a block per channel (NCHW; a channel that fits in a block's
+// shared memory) or per group of channels (channels_last; 32 bytes of each row), or a persistent grid
+// (contiguous NCHW, float32, 16-byte aligned, planes of whole vectors).
 enum class Fused : int { None, Channel, Grid };
 
 struct StatsLaunch {
@@ -1169,16 +1293,19 @@ std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
 }
 
 // Training mode in one kernel that reads x from device memory once: y normalised with the batch statistics,
-// and the running statistics updated (when given). Contiguous NCHW; `per_channel`: a block per channel (the
-// channel must fit in a block's shared memory), else the persistent grid (float32, x and y 16-byte aligned,
-// planes of whole 16-byte vectors, fewer than 2^31 vectors per channel).
+// and the running statistics updated (when given). `per_channel`: a block per channel of contiguous NCHW, or
+// per channel group of channels_last (the channel or group must fit in a block's shared memory); else the
+// persistent grid (contiguous NCHW, float32, x and y 16-byte aligned, planes of whole 16-byte vectors, fewer
+// than 2^31 vectors per channel).
 std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                            const c10::optional<at::Tensor>& running_var, double momentum, double eps,
                            bool per_channel) {
   if (auto error = check_io(x, y); !error.empty()) return error;
   if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
-  BN2D_REQUIRE(x.is_contiguous(), "fused_training takes a contiguous (NCHW) input");
+  const bool channels_last = !x.is_contiguous();
+  BN2D_REQUIRE(!channels_last || (per_channel && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+               "fused_training takes a contiguous (NCHW) input, or a channels_last one for a block per channel");
   BN2D_REQUIRE(per_channel || (x.scalar_type() == at::kFloat && x.size(2) * x.size(3) % 4 == 0 &&
                                x.numel() / x.size(1) / 4 <= INT32_MAX &&
                                reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
@@ -1189,7 +1316,7 @@ std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::option
   launch.y = y.data_ptr();
   launch.params = params_of(weight, bias, x, nullptr, nullptr, x.scalar_type() == at::kFloat, eps);
   launch.fused = per_channel ? bn2d::Fused::Channel : bn2d::Fused::Grid;
-  return run_training(x, running_mean, running_var, momentum, false, launch);
+  return run_training(x, running_mean, running_var, momentum, channels_last, launch);
 }
 """
 
@@ -1231,13 +1358,15 @@ def build(verbose: bool = False):
 
 def read_once(x, layout: str, config=None) -> str:
     """The one kernel that runs the training forward of x (into a freshly allocated, so aligned, output):
-    "channel", "grid", or "" for three kernels; `config` holds a CudaConfig's fields (its `fused` decides;
-    None: the default). The rule, in one place."""
+    "channel", "group" (channels_last), "grid", or "" for three kernels; `config` holds a CudaConfig's fields
+    (its `fused` decides; None: the default). The rule, in one place."""
     fused = -1 if config is None else config[3]
     n, c, h, w = x.shape
     channel_bytes = n * h * w * x.element_size()
-    if layout != "nchw" or fused == 0:
+    if fused == 0:
         return ""
+    if layout == "channels_last":
+        return "group" if n * h * w * min(c * x.element_size(), GROUP_BYTES) <= CHANNEL_BLOCK_BYTES else ""
     if channel_bytes <= CHANNEL_BLOCK_BYTES:
         return "channel"
     grid_applies = (x.dtype == torch.float32 and h * w % 4 == 0 and n * h * w < 2 ** 33

@@ -292,11 +292,13 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
     return mean, var
 
 
-# Training in one program per channel (NCHW) where the channel fits in one tile: the program loads its
-# channel once, takes its mean and then the spread around it from registers, updates the running statistics
-# and writes the channel normalised -- x read once, one launch. Triton's counterpart of the CUDA module's
-# block-per-channel kernel (it has none of the persistent grid's: programs cannot wait for each other).
+# Training in one program per channel (NCHW) or per GROUP_CHANNELS channels (channels_last) where that fits
+# in one tile: the program loads its channels once, takes their mean and then the spread around it from
+# registers, updates the running statistics and writes the channels normalised -- x read once, one launch.
+# Triton's counterpart of the CUDA module's block-per-channel kernels (it has none of the persistent grid's:
+# programs cannot wait for each other).
 CHANNEL_TILE_ELEMENTS = 16384
+GROUP_CHANNELS = 8
 
 
 @triton.jit
@@ -322,24 +324,54 @@ def channel_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running
     tl.store(y_ptr + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def channel_group_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, momentum, eps, R, C,
+                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.arange(0, BLOCK_R)
+    c_mask = c < C
+    mask = (rows < R)[:, None] & c_mask[None, :]
+    offsets = rows[:, None].to(tl.int64) * C + c[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    mean = tl.sum(x, axis=0) / R
+    d = tl.where(mask, x - mean[None, :], 0.0)
+    var = tl.sum(d * d, axis=0) / R
+    if HAS_RUNNING:
+        _update_running(running_mean_ptr, running_var_ptr, c, c_mask, mean, var * R / tl.maximum(R - 1, 1),
+                        momentum)
+    scale, shift = _scale_shift(c, c_mask, mean, var, weight_ptr, bias_ptr, eps, HAS_WEIGHT, HAS_BIAS, ACC)
+    tl.store(y_ptr + offsets, (x * scale[None, :] + shift[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def read_once(x, layout: str, config=None) -> str:
-    """"channel" where the training forward of x runs as channel_kernel (NCHW channels of one tile of at most
-    CHANNEL_TILE_ELEMENTS), else "" (three kernels). The rule, in one place; `config` is not consulted."""
+    """"channel" (NCHW) or "group" (channels_last) where the training forward of x fits in tiles of at most
+    CHANNEL_TILE_ELEMENTS, one per channel or per GROUP_CHANNELS channels; else "" (three kernels). The rule,
+    in one place; `config` is not consulted."""
     n, c, h, w = x.shape
-    fits = triton.next_power_of_2(n) * triton.next_power_of_2(h * w) <= CHANNEL_TILE_ELEMENTS
-    return "channel" if layout == "nchw" and fits else ""
+    if layout == "nchw":
+        return "channel" if triton.next_power_of_2(n) * triton.next_power_of_2(h * w) <= CHANNEL_TILE_ELEMENTS else ""
+    group = min(triton.next_power_of_2(c), GROUP_CHANNELS)
+    return "group" if triton.next_power_of_2(n * h * w) * group <= CHANNEL_TILE_ELEMENTS else ""
 
 
 def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, kernel: str):
-    """y = x normalised with its batch statistics, the running statistics updated, by `kernel` (as read_once
-    chose) reading x once."""
+    """y = x normalised with its batch statistics, the running statistics updated, by `kernel` ("channel" or
+    "group", as read_once chose) reading x once."""
     n, c, h, w = x.shape
-    block_n, block_l = triton.next_power_of_2(n), triton.next_power_of_2(h * w)
     has_running = running_mean is not None
+    common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
+                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32)
+    running = (running_mean if has_running else x, running_var if has_running else x)
+    if kernel == "group":
+        block_r, block_c = triton.next_power_of_2(n * h * w), min(triton.next_power_of_2(c), GROUP_CHANNELS)
+        channel_group_kernel[(triton.cdiv(c, block_c),)](
+            x, y, weight, bias, *running, momentum, eps, n * h * w, c, **common, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=8 if block_r * block_c >= 4096 else 4)
+        return
+    block_n, block_l = triton.next_power_of_2(n), triton.next_power_of_2(h * w)
     channel_kernel[(c,)](
-        x, y, weight, bias, running_mean if has_running else x, running_var if has_running else x, momentum, eps,
-        n, c, h * w, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_N=block_n, BLOCK_L=block_l,
+        x, y, weight, bias, *running, momentum, eps, n, c, h * w, **common, BLOCK_N=block_n, BLOCK_L=block_l,
         ROW_LEN=h * w if h * w % 16 else 0, num_warps=8 if block_n * block_l >= 4096 else 4)
 
 from torch import nn
