@@ -1360,11 +1360,12 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
 
 
 # Training reads x from device memory once where it pays (`read_once`, measured in experiments/NOTES.md,
-# "Training"): a block per channel (NCHW) or per 32 bytes of channels (channels_last) where that fits in a
-# block's shared memory; the persistent grid for float32 NCHW channels of 32 MB or more (it synchronises the
+# "Training"): a block per channel (NCHW) or per 32 bytes of channels (channels_last, where there are enough
+# such groups) where that fits in a block's shared memory; the persistent grid for float32 NCHW channels of 32 MB or more (it synchronises the
 # whole grid once per channel, a few microseconds); otherwise three kernels.
 CHANNEL_BLOCK_BYTES = 112 << 10
 GROUP_BYTES = 32  # of each channels_last row, the kernel's GROUP_BYTES
+GROUP_MIN_BLOCKS = 64  # fewer channel groups than this ran slower than three kernels (4-32 of them, H100)
 GRID_MIN_CHANNEL_BYTES = 32 << 20
 
 
@@ -1378,7 +1379,9 @@ def read_once(x, layout: str, config=None) -> str:
     if fused == 0:
         return ""
     if layout == "channels_last":
-        return "group" if n * h * w * min(c * x.element_size(), GROUP_BYTES) <= CHANNEL_BLOCK_BYTES else ""
+        row_bytes = c * x.element_size()
+        fits = n * h * w * min(row_bytes, GROUP_BYTES) <= CHANNEL_BLOCK_BYTES
+        return "group" if fits and -(-row_bytes // GROUP_BYTES) >= GROUP_MIN_BLOCKS else ""
     if channel_bytes <= CHANNEL_BLOCK_BYTES:
         return "channel"
     grid_applies = (x.dtype == torch.float32 and h * w % 4 == 0 and n * h * w < 2 ** 33

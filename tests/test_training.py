@@ -119,15 +119,17 @@ def test_batch_norm_training_paths(fused):
 
 def test_read_once_rule():
     """A block per channel up to CHANNEL_BLOCK_BYTES (channels_last: a block per group of channels, 32 bytes
-    of each row), the grid for large float32 NCHW channels, else three kernels."""
+    of each row, given at least GROUP_MIN_BLOCKS groups), the grid for large float32 NCHW channels, else three
+    kernels."""
     def rule(shape, dtype=torch.float32, layout="nchw", fused=-1):
         x = torch.empty(shape, dtype=dtype, device="meta")
         return cuda_kernels.read_once(x, layout, CudaConfig(fused=fused))
 
     assert rule((32, 2048, 7, 7)) == rule((32, 2048, 7, 7), torch.float16) == "channel"
     assert rule((32, 2048, 7, 7), fused=0) == rule((32, 2048, 7, 7), fused=0, layout="channels_last") == ""
-    assert rule((32, 2048, 7, 7), layout="channels_last") == rule((64, 3, 7, 7), layout="channels_last") == "group"
-    assert rule((32, 2048, 14, 14), layout="channels_last") == rule((256, 3, 7, 7), layout="channels_last") == ""
+    assert rule((32, 2048, 7, 7), layout="channels_last") == rule((32, 512, 7, 7), layout="channels_last") == "group"
+    assert rule((32, 2048, 14, 14), layout="channels_last") == rule((32, 64, 7, 7), layout="channels_last") == ""
+    assert rule((32, 512, 7, 7), torch.float16, "channels_last") == ""  # 32 groups of 16 channels: too few
     assert f"constexpr int GROUP_BYTES = {cuda_kernels.GROUP_BYTES};" in cuda_kernels.CUDA_SOURCE
     assert rule((32, 256, 56, 56)) == "" and rule((32, 256, 56, 56), fused=1) == "grid"
     assert rule((64, 64, 512, 512)) == "grid" and rule((64, 64, 512, 512), torch.float16) == ""

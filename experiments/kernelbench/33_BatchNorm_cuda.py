@@ -1366,7 +1366,9 @@ def read_once(x, layout: str, config=None) -> str:
     if fused == 0:
         return ""
     if layout == "channels_last":
-        return "group" if n * h * w * min(c * x.element_size(), GROUP_BYTES) <= CHANNEL_BLOCK_BYTES else ""
+        row_bytes = c * x.element_size()
+        fits = n * h * w * min(row_bytes, GROUP_BYTES) <= CHANNEL_BLOCK_BYTES
+        return "group" if fits and -(-row_bytes // GROUP_BYTES) >= GROUP_MIN_BLOCKS else ""
     if channel_bytes <= CHANNEL_BLOCK_BYTES:
         return "channel"
     grid_applies = (x.dtype == torch.float32 and h * w % 4 == 0 and n * h * w < 2 ** 33
