@@ -59,10 +59,10 @@ class ModelNew(nn.Module):
 '''
 
 CUDA_FORWARD = """\
-            kernel = read_once(x, "nchw")
+            kernel = read_once(x, _layout(x))
             if kernel:
                 _check(_module.fused_training(x, y, self.weight, self.bias, self.running_mean, self.running_var,
-                                              self.momentum, self.eps, kernel == "channel"))
+                                              self.momentum, self.eps, kernel != "grid"))
                 return y
             mean = torch.empty(x.size(1), device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
             var = torch.empty_like(mean)
@@ -79,24 +79,26 @@ TRITON_FORWARD = """\
         normalize(x, y, self.weight, self.bias, mean, var, self.eps, _layout(x), (0, 0, 0))"""
 
 
+# x is contiguous NCHW in both files; with 1x1 planes that is channels_last too, which the kernels prefer.
+LAYOUT = 'def _layout(x):\n    return "nchw" if x.size(2) * x.size(3) > 1 else "channels_last"\n'
+CUDA_CONSTANTS = ["FUNCTIONS", "CHANNEL_BLOCK_BYTES", "GROUP_BYTES", "GROUP_MIN_BLOCKS", "GRID_MIN_CHANNEL_BYTES"]
+
+
 def cuda_file() -> str:
     sources = "\n".join(f"{name} = r{chr(34) * 3}{getattr(cuda_kernels, name)}{chr(34) * 3}"
                         for name in ("CUDA_SOURCE", "CPP_SOURCE"))
     return (HEADER.format(backend="CUDA", source="cuda_kernels.py")
             + "import os\n\nimport torch\nimport torch.nn as nn\n\n"
-            + sources + f"\n\nFUNCTIONS = {cuda_kernels.FUNCTIONS!r}\n"
-            + f"CHANNEL_BLOCK_BYTES = {cuda_kernels.CHANNEL_BLOCK_BYTES}\n"
-            + f"GRID_MIN_CHANNEL_BYTES = {cuda_kernels.GRID_MIN_CHANNEL_BYTES}\n\n\n"
-            + "\n\n".join(inspect.getsource(f) for f in (cuda_kernels.arch_flags, cuda_kernels.build,
-                                                          cuda_kernels.read_once, cuda_kernels._check))
-            + "\n\n_module = build()\n" + MODEL.format(backend="CUDA", forward=CUDA_FORWARD))
+            + sources + "\n\n" + "".join(f"{name} = {getattr(cuda_kernels, name)!r}\n" for name in CUDA_CONSTANTS)
+            + "\n\n" + "\n\n".join(inspect.getsource(f) for f in (cuda_kernels.arch_flags, cuda_kernels.build,
+                                                                    cuda_kernels.read_once, cuda_kernels._check))
+            + "\n\n_module = build()\n\n\n" + LAYOUT + MODEL.format(backend="CUDA", forward=CUDA_FORWARD))
 
 
 def triton_file() -> str:
     return (HEADER.format(backend="Triton", source="triton_kernels.py")
             + Path(triton_kernels.__file__).read_text() + "\nfrom torch import nn\n\n\n"
-            + 'def _layout(x):\n    return "nchw" if x.size(2) * x.size(3) > 1 else "channels_last"\n\n'
-            + MODEL.format(backend="Triton", forward=TRITON_FORWARD))
+            + LAYOUT + MODEL.format(backend="Triton", forward=TRITON_FORWARD))
 
 
 GENERATORS = {"cuda": cuda_file, "triton": triton_file}

@@ -10,6 +10,7 @@ from conftest import DEVICE, HAS_GPU
 from experiments import host_overhead, kernelbench, plot, sweep
 from experiments.environment import capture
 from experiments.shapes import PRESETS, resnet50_bn_shapes
+from kernels import cuda_kernels
 
 DATA = Path(__file__).parent / "data"
 
@@ -100,6 +101,15 @@ def test_kernelbench_files_are_current_and_pass_its_static_checker():
         code = kernelbench.GENERATORS[backend]()
         assert path.read_text() == code, f"{path} is stale: run python -m experiments.kernelbench generate"
         assert kernelbench.static_problems(code, backend) == []
+
+
+def test_kernelbench_cuda_file_chooses_as_the_package():
+    """The generated CUDA file's read_once, with the constants it carries, against the package's rule."""
+    module = kernelbench.load(kernelbench.FILES["cuda"])
+    for shape in [(32, 2048, 7, 7), (32, 64, 7, 7), (64, 64, 512, 512), (8, 3, 1, 1)]:
+        for layout in ["nchw", "channels_last"]:
+            x = torch.empty(shape, device="meta")
+            assert module.read_once(x, layout) == cuda_kernels.read_once(x, layout), (shape, layout)
 
 
 @pytest.mark.parametrize("code, problem", [

@@ -1322,6 +1322,8 @@ std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::option
 
 FUNCTIONS = ['nchw', 'channels_last', 'naive', 'batch_stats', 'fused_training']
 CHANNEL_BLOCK_BYTES = 114688
+GROUP_BYTES = 32
+GROUP_MIN_BLOCKS = 64
 GRID_MIN_CHANNEL_BYTES = 33554432
 
 
@@ -1385,6 +1387,10 @@ def _check(error: str):
 _module = build()
 
 
+def _layout(x):
+    return "nchw" if x.size(2) * x.size(3) > 1 else "channels_last"
+
+
 class ModelNew(nn.Module):
     """nn.BatchNorm2d(num_features) in training and eval mode, on the bn2d CUDA kernels."""
 
@@ -1404,10 +1410,10 @@ class ModelNew(nn.Module):
         mean, var = self.running_mean, self.running_var
         if self.training:
             self.num_batches_tracked.add_(1)
-            kernel = read_once(x, "nchw")
+            kernel = read_once(x, _layout(x))
             if kernel:
                 _check(_module.fused_training(x, y, self.weight, self.bias, self.running_mean, self.running_var,
-                                              self.momentum, self.eps, kernel == "channel"))
+                                              self.momentum, self.eps, kernel != "grid"))
                 return y
             mean = torch.empty(x.size(1), device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
             var = torch.empty_like(mean)

@@ -381,7 +381,6 @@ def _layout(x):
     return "nchw" if x.size(2) * x.size(3) > 1 else "channels_last"
 
 
-
 class ModelNew(nn.Module):
     """nn.BatchNorm2d(num_features) in training and eval mode, on the bn2d Triton kernels."""
 
