@@ -69,6 +69,15 @@ def time_ms(fn, timing: str):
     return triton.testing.do_bench(fn, warmup=WINDOW_MS // 4, rep=WINDOW_MS, quantiles=[0.5, 0.2, 0.8])
 
 
+def make_inputs(shape, dtype_name: str, layout: str, device):
+    """Fresh random x (never zeros) in `layout`, and (mean, var, weight, bias) in float32."""
+    x = torch.randn(shape, device=device).to(DTYPES[dtype_name]).contiguous(memory_format=LAYOUTS[layout])
+    c = shape[1]
+    params = (torch.randn(c, device=device), torch.rand(c, device=device) + 0.5, torch.randn(c, device=device),
+              torch.randn(c, device=device))
+    return x, params
+
+
 def make_fn(backend, config, x, params, training: bool):
     """A no-argument callable running one forward on `backend`; in training mode params' mean and var are the
     running statistics, updated by every call."""
@@ -157,9 +166,7 @@ def main(argv=None):
             rows = [row for row in rows if tuple(str(row[k]) for k in KEY) not in done]
             if not rows:  # resumed: measured already
                 continue
-            x = torch.randn(shape, device=args.device).to(DTYPES[dtype_name]).contiguous(memory_format=LAYOUTS[layout])
-            params = (torch.randn(shape[1], device=args.device), torch.rand(shape[1], device=args.device) + 0.5,
-                      torch.randn(shape[1], device=args.device), torch.randn(shape[1], device=args.device))
+            x, params = make_inputs(shape, dtype_name, layout, args.device)
             fn = make_fn(backend, config, x, params, training)
             stats = batch_stats_reference(x) if training else params[:2]
             error = batch_norm_error(fn(), x, *stats, *params[2:])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import DEVICE, HAS_GPU
 
-from experiments import host_overhead, kernelbench, plot, sweep
+from experiments import host_overhead, kernelbench, plot, profile, sweep
 from experiments.environment import capture
 from experiments.shapes import PRESETS, resnet50_bn_shapes
 from kernels import cuda_kernels
@@ -68,6 +68,11 @@ def test_every_figure_from_the_fixture(tmp_path):
     tuned = {row["backend"] for row in csv.DictReader((DATA / "sweep_fixture.csv").open()) if row["config"] != "default"}
     assert made == {"bandwidth.png", "roofline.png", "cuda_vs_triton.png", "speedup.png", "small_shape_latency.png",
                     "build_times.png", "training.png"} | {f"heatmap_{backend}.png" for backend in tuned}
+
+
+def test_profile_runs_each_backend(capsys):
+    profile.main(["--shape", "2x3x5x5", "--backends", "triton", "--mode", "train", "--device", DEVICE])
+    assert "triton: 2 calls" in capsys.readouterr().out
 
 
 def test_grid_runs_give_only_their_launch_configs():

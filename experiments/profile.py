@@ -1,0 +1,36 @@
+"""One shape's forward on each backend, a few calls each and no timing of its own, for a profiler to capture:
+
+    ncu --section SpeedOfLight --section WarpStateStats --section Occupancy -k regex:'kernel|triton' \\
+        python -m experiments.profile --shape 16x3x17x33 --dtype float16 --backends cuda cuda_naive torch_compile
+
+The inputs and the calls are the sweep's (`experiments.sweep.make_inputs`, `make_fn`).
+"""
+import argparse
+
+import torch
+
+from experiments.sweep import BACKENDS, DTYPES, LAYOUTS, make_fn, make_inputs, parse_shape
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=parse_shape, required=True)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--layout", choices=list(LAYOUTS), default="nchw")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["cuda", "triton", "torch_compile"])
+    parser.add_argument("--mode", choices=["eval", "train"], default="eval")
+    parser.add_argument("--calls", type=int, default=2, help="calls per backend (the first builds or compiles)")
+    parser.add_argument("--device", default="cuda", help="cpu: through the Triton interpreter (a smoke test)")
+    args = parser.parse_args(argv)
+    x, params = make_inputs(args.shape, args.dtype, args.layout, args.device)
+    for backend in args.backends:
+        fn = make_fn(backend, None, x, params, args.mode == "train")
+        for _ in range(args.calls):
+            fn()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        print(f"{backend}: {args.calls} calls")
+
+
+if __name__ == "__main__":
+    main()
