@@ -5,15 +5,17 @@ finishes each kernel before the host has launched the next, so the time per call
     python -m experiments.host_overhead --out experiments/results/host_overhead.csv
 """
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from experiments.environment import capture, write_csv
-from kernels import BatchNorm2d, batch_norm
+from kernels import BatchNorm2d, batch_norm, cuda_kernels, functional, triton_kernels
 
 
 def cases(x, backends):
@@ -55,13 +57,20 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--python-only", action="store_true",
+                        help="the kernel call stubbed out and every tensor sent down the kernels' path: the Python "
+                             "side of a call alone, on any device")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     x = torch.randn(*map(int, args.shape.split("x")), device=args.device)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     env = capture()
     rows = []
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.ExitStack() as stubs:
+        if args.python_only:
+            stubs.enter_context(mock.patch.object(functional, "_runs_kernels", lambda x, backend: backend != "torch"))
+            for kernels in (cuda_kernels, triton_kernels):
+                stubs.enter_context(mock.patch.object(kernels, "normalize", lambda *launch: None))
         for name, backend, fn in cases(x, args.backends):
             median, p20, p80 = per_call_us(fn, args.calls, args.repeats, sync)
             rows.append(dict(call=name, backend=backend, shape=args.shape, us_per_call=median, p20_us=p20, p80_us=p80))

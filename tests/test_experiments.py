@@ -2,6 +2,7 @@
 and every figure from a small committed CSV."""
 import csv
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from conftest import DEVICE, HAS_GPU
 from experiments import host_overhead, kernelbench, plot, profile, sweep
 from experiments.environment import capture
 from experiments.shapes import PRESETS, resnet50_bn_shapes
-from kernels import cuda_kernels
+from kernels import cuda_kernels, functional
 
 DATA = Path(__file__).parent / "data"
 
@@ -90,6 +91,15 @@ def test_host_overhead_writes_one_row_per_call(tmp_path):
     assert [r["call"] for r in rows] == ["clone", "F.batch_norm", "nn.BatchNorm2d", "BatchNorm2d", "batch_norm",
                                           "batch_norm(out=)"]
     assert float(rows[0]["ratio_to_clone"]) == 1.0 and all(float(r["us_per_call"]) > 0 for r in rows)
+
+
+def test_host_overhead_python_only_takes_the_kernel_path(tmp_path):
+    out = tmp_path / "host.csv"
+    with mock.patch.object(functional, "_layout", wraps=functional._layout) as layout:
+        host_overhead.main(["--device", "cpu", "--backends", "cuda", "--python-only", "--shape", "1x4x3x3",
+                            "--calls", "2", "--repeats", "2", "--out", str(out)])
+    assert layout.called  # only the kernels' path lays the input out
+    assert len(list(csv.DictReader(out.open()))) == 6
 
 
 def test_headline_table_from_the_fixture():
