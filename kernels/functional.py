@@ -54,7 +54,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                 y = torch.empty_like(input)
                 kernels.fused_training(input, y, weight, bias, running_mean, running_var, momentum, eps, kernel)
                 return y
-        mean, var = _batch_stats(input, running_mean, running_var, momentum, backend)
+        mean, var = _batch_stats(input, layout, running_mean, running_var, momentum, backend)
     return _normalize(input, mean, var, weight, bias, eps, backend, config, out)
 
 
@@ -190,13 +190,13 @@ else:  # older PyTorch: autograd only; torch.compile sees a graph break
     _normalize_op = _Normalize.apply
 
 
-def _batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
-                 backend: str):
-    """Batch mean and biased variance (float32, float64 for float64 input); updates the running statistics
-    with the unbiased variance, as PyTorch does. By the backend's kernels, unless x needs a gradient (then by
-    PyTorch ops, which autograd differentiates) or the backend is the naive kernel (eval only)."""
+def _batch_stats(x: Tensor, layout: str, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 momentum: float, backend: str):
+    """Batch mean and biased variance (float32, float64 for float64 input) of x, laid out as `layout` by
+    _layout; updates the running statistics with the unbiased variance, as PyTorch does. By the backend's
+    kernels, unless x needs a gradient (then by PyTorch ops, which autograd differentiates) or the backend is
+    the naive kernel (eval only)."""
     if backend != "cuda_naive" and not _needs_grad(x):
-        x, layout = _layout(x, backend)
         return _kernels(backend).batch_stats(x, layout, running_mean, running_var, momentum)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
