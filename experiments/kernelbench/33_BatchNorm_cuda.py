@@ -115,15 +115,27 @@ __device__ __forceinline__ acc_t load_param(const void* p, bool fp32, int64_t c)
 
 template <typename acc_t> struct Affine { acc_t scale, shift; };
 
-// y = x * scale + shift with scale = weight / sqrt(var + eps) and shift = bias - mean * scale.
+// A channel's weight and bias (1 and 0 where the module has none) as {scale, shift}: loaded apart from the
+// statistics, so that a kernel can issue the loads before the statistics it waits for.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ Affine<acc_t> affine_of(const Params& p, int64_t c, acc_t mean, acc_t var) {
+__device__ __forceinline__ Affine<acc_t> weight_bias(const Params& p, int64_t c) {
   const acc_t weight = load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, c);
   const acc_t bias = load_param<scalar_t, acc_t>(p.bias, p.affine_fp32, c);
+  return {p.has_weight ? weight : acc_t(1), p.has_bias ? bias : acc_t(0)};
+}
+
+// y = x * scale + shift with scale = weight / sqrt(var + eps) and shift = bias - mean * scale.
+template <typename acc_t>
+__device__ __forceinline__ Affine<acc_t> affine_of(const Affine<acc_t>& wb, acc_t mean, acc_t var, double eps) {
   // rsqrt: one MUFU instruction in float32 (within 2 ulp); a division and a square root would each add a
   // branch to a slow path, and no load moves across a branch.
-  const acc_t scale = (p.has_weight ? weight : acc_t(1)) * rsqrt(var + static_cast<acc_t>(p.eps));
-  return {scale, (p.has_bias ? bias : acc_t(0)) - mean * scale};
+  const acc_t scale = wb.scale * rsqrt(var + static_cast<acc_t>(eps));
+  return {scale, wb.shift - mean * scale};
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ Affine<acc_t> affine_of(const Params& p, int64_t c, acc_t mean, acc_t var) {
+  return affine_of(weight_bias<scalar_t, acc_t>(p, c), mean, var, p.eps);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -566,7 +578,16 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
     for (int u = 0; u < UNROLL; ++u) n += valid(slot + u);
     return n;
   };
+  auto channel_summary = [&](int64_t c) {  // the channel's block summaries merged, a thread per summary
+    Summary<double> t{0, 0, 0};
+    for (int64_t q = threadIdx.x; q < parts; q += blockDim.x) {
+      const int64_t i = c * parts + q;
+      t = merge(t, Summary<double>{summary[i], summary[parts * channels + i], summary[2 * parts * channels + i]});
+    }
+    return block_summary(t, scratch);
+  };
   for (int64_t c = 0; c < channels; ++c) {
+    const Affine<acc_t> wb = weight_bias<scalar_t, acc_t>(p, c);  // in flight while x is summarised
     auto at = [&](int slot) {  // the vector offset of this thread's slot in x and y
       const uint32_t i = uint32_t(begin + slot * blockDim.x + threadIdx.x);
       const uint32_t n = plane_div(i);
@@ -602,18 +623,8 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
     const Summary<double> b = block_summary(Summary<double>{s.n, s.mean, s.m2}, scratch);
     if (threadIdx.x == 0) store_part(summary, parts * channels, c * parts + blockIdx.x, b);
     cooperative_groups::this_grid().sync();
-    // Every block merges the channel's block summaries, a thread per summary.
-    Summary<double> t{0, 0, 0};
-    for (int64_t q = threadIdx.x; q < parts; q += blockDim.x) {
-      const int64_t i = c * parts + q;
-      t = merge(t, Summary<double>{summary[i], summary[parts * channels + i], summary[2 * parts * channels + i]});
-    }
-    t = block_summary(t, scratch);
-    if (threadIdx.x == 0) {
-      channel = affine_of<scalar_t, acc_t>(p, c, acc_t(t.mean), acc_t(t.m2 / t.n));
-      if (blockIdx.x == 0 && running_mean != nullptr)
-        update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
-    }
+    const Summary<double> t = channel_summary(c);  // every block merges the channel's block summaries
+    if (threadIdx.x == 0) channel = affine_of(wb, acc_t(t.mean), acc_t(t.m2 / t.n), p.eps);
     __syncthreads();
     const Affine<acc_t> a = channel;
     auto normalized = [&](const vec_t& in) {
@@ -637,6 +648,13 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
     for (int k = 0; k < HELD; ++k)
       if (valid(k)) store_last(yv + at(k), normalized(held[k]));
   }
+  // The running statistics after every channel, off the barriers' critical path (their loads and stores held
+  // up one block per channel): block b takes channels b, b + gridDim.x, ..., from the block summaries each
+  // channel left before its barrier.
+  for (int64_t c = blockIdx.x; running_mean != nullptr && c < channels; c += gridDim.x) {
+    const Summary<double> t = channel_summary(c);
+    if (threadIdx.x == 0) update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
+  }
 }
 
 // Training mode for a channel that fits in shared memory (NCHW): a block per channel reads it once into
@@ -656,6 +674,7 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
   const vec_t* xv = reinterpret_cast<const vec_t*>(x);
   vec_t* yv = reinterpret_cast<vec_t*>(y);
   const int64_t c = blockIdx.x;
+  const Affine<acc_t> wb = weight_bias<scalar_t, acc_t>(p, c);  // in flight while x is summarised
   auto at = [&](int i) {  // the offset of the channel's i-th vector in x and y
     const uint32_t n = plane_div(uint32_t(i));
     return (int64_t(n) * channels + c) * plane_vecs + (i - int64_t(n) * plane_vecs);
@@ -678,15 +697,16 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
     s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(in, valid));
   }
   const Summary<double> t = block_summary(Summary<double>{s.n, s.mean, s.m2}, scratch);
-  const Affine<acc_t> a = affine_of<scalar_t, acc_t>(p, c, acc_t(t.mean), acc_t(t.m2 / t.n));
-  if (threadIdx.x == 0 && running_mean != nullptr)
-    update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
+  const Affine<acc_t> a = affine_of(wb, acc_t(t.mean), acc_t(t.m2 / t.n), p.eps);
   for (int i = threadIdx.x; i < units; i += blockDim.x) {
     vec_t out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out.v[j] = apply(stash[i].v[j], a);
     yv[at(i)] = out;
   }
+  // Last: its loads would hold up thread 0's stores.
+  if (threadIdx.x == 0 && running_mean != nullptr)
+    update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
 }
 
 // The same for channels_last, where a channel is a column of the N * H * W rows: a block per group of
@@ -729,6 +749,9 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
   const vec_t* xv = reinterpret_cast<const vec_t*>(x) + c0 / VEC;
   vec_t* yv = reinterpret_cast<vec_t*>(y) + c0 / VEC;
   const int64_t row_vecs = channels / VEC;
+  Affine<acc_t> wb[VEC];  // in flight while x is summarised (channel 0's, unused, past the last channel)
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) wb[j] = weight_bias<scalar_t, acc_t>(p, active ? c0 + j : 0);
   double sum[VEC] = {};
   for (int base = threadIdx.x / cols; active && base < rows; base += step * UNROLL) {
     vec_t in[UNROLL];
@@ -747,10 +770,11 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
     for (int j = 0; j < VEC; ++j) sum[j] += part[j];
   }
   column_sums(sum, cols, scratch);
+  const double per_row = 1.0 / rows;  // one division: each has a branch to a slow path, which loads cannot cross
   acc_t mean[VEC];
   double m2[VEC] = {};
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) mean[j] = acc_t(sum[j] / rows);
+  for (int j = 0; j < VEC; ++j) mean[j] = acc_t(sum[j] * per_row);
   for (int r = threadIdx.x / cols; active && r < rows; r += step) {
     const vec_t v = stash[r * cols + col];
 #pragma unroll
@@ -763,12 +787,7 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
   if (!active) return;
   Affine<acc_t> a[VEC];
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    a[j] = affine_of<scalar_t, acc_t>(p, c0 + j, mean[j], acc_t(m2[j] / rows));
-    if (threadIdx.x < cols && running_mean != nullptr)
-      update_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j,
-                               Summary<double>{double(rows), sum[j] / rows, m2[j]}, momentum);
-  }
+  for (int j = 0; j < VEC; ++j) a[j] = affine_of(wb[j], mean[j], acc_t(m2[j] * per_row), p.eps);
   for (int r = threadIdx.x / cols; r < rows; r += step) {
     const vec_t v = stash[r * cols + col];
     vec_t out;
@@ -776,6 +795,13 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
     for (int j = 0; j < VEC; ++j) out.v[j] = apply(v.v[j], a[j]);
     yv[r * row_vecs] = out;
   }
+  // Last, and channel c0 + j by the thread on row j, so that no thread waits on more than one channel's loads
+  // (a store between two loads keeps them from overlapping: the pointers may alias).
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    if (threadIdx.x / cols == j && running_mean != nullptr)
+      update_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j,
+                               Summary<double>{double(rows), sum[j] * per_row, m2[j]}, momentum);
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
