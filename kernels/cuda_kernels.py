@@ -296,17 +296,20 @@ __global__ void __launch_bounds__(MAX_THREADS) channels_last_kernel(const scalar
   using vec_t = Vec<scalar_t, VEC>;
   Affine<acc_t>* table = reinterpret_cast<Affine<acc_t>*>(shared_table);
   const int64_t block_c0 = int64_t(blockIdx.x) * blockDim.x * VEC;
-  const int64_t c0 = block_c0 + threadIdx.x * VEC;
+  // Written as a multiple of VEC (not block_c0 + threadIdx.x * VEC): the compiler then knows every row's
+  // vector is 16-byte aligned and stores it in one instruction (else four).
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const int64_t step = int64_t(gridDim.y) * blockDim.y;
   const int64_t first = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
   const bool active = c0 < channels;
+  // Every load is made, the ones past the last row or channel clamped to it (an L1 hit): a load that may not
+  // happen keeps the register's old value, and for bfloat16 that made the compiler wait for each load in turn.
+  const scalar_t* column = x + min(c0, channels - VEC);
   vec_t in[UNROLL];
   auto load = [&](int64_t base) {
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int64_t r = base + u * step;
-      if (active && r < rows) in[u] = *reinterpret_cast<const vec_t*>(x + r * channels + c0);
-    }
+    for (int u = 0; u < UNROLL; ++u)
+      in[u] = *reinterpret_cast<const vec_t*>(column + min(base + u * step, rows - 1) * channels);
   };
   load(first);
   const int width = int(min(int64_t(blockDim.x) * VEC, channels - block_c0));
@@ -351,22 +354,27 @@ __global__ void naive_kernel(const scalar_t* x, scalar_t* y, const Params p, int
 // pieces of a channel merge in float64.
 template <typename acc_t> struct Summary { acc_t n, mean, m2; };
 
+// w = b.n / (a.n + b.n), given: summaries of equal counts (a thread's channels) share it.
+template <typename acc_t>
+__device__ __forceinline__ Summary<acc_t> merge(const Summary<acc_t>& a, const Summary<acc_t>& b, acc_t w) {
+  const acc_t delta = b.mean - a.mean;
+  return {a.n + b.n, a.mean + delta * w, a.m2 + b.m2 + delta * delta * a.n * w};
+}
+
 template <typename acc_t>
 __device__ __forceinline__ Summary<acc_t> merge(const Summary<acc_t>& a, const Summary<acc_t>& b) {
   const acc_t n = a.n + b.n;
-  const acc_t delta = b.mean - a.mean;
-  const acc_t w = n > acc_t(0) ? b.n / n : acc_t(0);
-  return {n, a.mean + delta * w, a.m2 + b.m2 + delta * delta * a.n * w};
+  return merge(a, b, n > acc_t(0) ? b.n / n : acc_t(0));
 }
 
-// The summary of the first k of K values (k > 0), two passes over registers.
+// The summary of the first k of K values (k > 0), two passes over registers; `inverse` is 1 / k.
 template <typename acc_t, int K>
-__device__ __forceinline__ Summary<acc_t> summarize(const acc_t (&v)[K], int k) {
+__device__ __forceinline__ Summary<acc_t> summarize(const acc_t (&v)[K], int k, acc_t inverse) {
   acc_t sum = 0;
 #pragma unroll
   for (int i = 0; i < K; ++i)
     if (i < k) sum += v[i];
-  const acc_t mean = sum / acc_t(k);
+  const acc_t mean = sum * inverse;
   acc_t m2 = 0;
 #pragma unroll
   for (int i = 0; i < K; ++i)
@@ -374,7 +382,15 @@ __device__ __forceinline__ Summary<acc_t> summarize(const acc_t (&v)[K], int k) 
   return {acc_t(k), mean, m2};
 }
 
+template <typename acc_t, int K>
+__device__ __forceinline__ Summary<acc_t> summarize(const acc_t (&v)[K], int k) {
+  return summarize(v, k, acc_t(1) / acc_t(k));
+}
+
 constexpr int STATS_THREADS = 256;
+// Blocks of the statistics kernels resident on an SM (their register budget is set for it): the grid is one
+// wave of them, so that every thread loops over many rows and the block's closing reduction is paid once.
+constexpr int STATS_BLOCKS_PER_SM = 2;
 
 // A block's summaries, `width` columns by `height` rows (a power of two) in `table`, merged down the rows
 // into row 0; thread (x, y) wrote column x of row y.
@@ -399,7 +415,7 @@ __device__ __forceinline__ void store_part(double* summary, int64_t stride, int6
 // [part * chunk, (part + 1) * chunk) of the channel's N * plane_vecs, threads striding through them with
 // UNROLL loads in flight.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(STATS_THREADS, 2) nchw_stats_kernel(const scalar_t* __restrict__ x, double* __restrict__ summary,
+__global__ void __launch_bounds__(STATS_THREADS, STATS_BLOCKS_PER_SM) nchw_stats_kernel(const scalar_t* __restrict__ x, double* __restrict__ summary,
                                   int64_t batch, int64_t channels, int64_t plane_vecs, FastDiv plane_div, int64_t parts,
                                   int64_t chunk) {
   using acc_t = typename Acc<scalar_t>::type;
@@ -437,32 +453,32 @@ __global__ void __launch_bounds__(STATS_THREADS, 2) nchw_stats_kernel(const scal
 
 // NHWC: thread (tx, ty) of block (bx, by) owns channels c0 .. c0 + VEC - 1 as channels_last_kernel does, and
 // visits rows by * blockDim.y + ty, then every gridDim.y * blockDim.y-th; row by of the summary is block
-// row by's piece.
+// row by's piece. A thread's channels see the same number of values, so one division per step serves all
+// VEC of them, and the loads are made unconditionally (clamped to the last row), as in channels_last_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(STATS_THREADS, 2) channels_last_stats_kernel(const scalar_t* __restrict__ x,
+__global__ void __launch_bounds__(STATS_THREADS, STATS_BLOCKS_PER_SM) channels_last_stats_kernel(const scalar_t* __restrict__ x,
                                            double* __restrict__ summary, int64_t rows, int64_t channels) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const int64_t step = int64_t(gridDim.y) * blockDim.y;
+  const scalar_t* column = x + min(c0, channels - VEC);
   Summary<acc_t> s[VEC] = {};
   for (int64_t base = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; c0 < channels && base < rows; base += step * UNROLL) {
     vec_t in[UNROLL];
     int valid = 0;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int64_t r = base + u * step;
-      if (r < rows) {
-        in[u] = *reinterpret_cast<const vec_t*>(x + r * channels + c0);
-        ++valid;
-      }
+      in[u] = *reinterpret_cast<const vec_t*>(column + min(base + u * step, rows - 1) * channels);
+      valid += base + u * step < rows;
     }
+    const acc_t inverse = acc_t(1) / acc_t(valid), w = acc_t(valid) / (s[0].n + acc_t(valid));
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       acc_t v[UNROLL];
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) v[u] = to_acc(in[u].v[j]);
-      s[j] = merge(s[j], summarize(v, valid));
+      s[j] = merge(s[j], summarize(v, valid, inverse), w);
     }
   }
   Summary<acc_t>* table = reinterpret_cast<Summary<acc_t>*>(shared_table);
@@ -477,13 +493,11 @@ __global__ void __launch_bounds__(STATS_THREADS, 2) channels_last_stats_kernel(c
   }
 }
 
-template <typename acc_t>
-__device__ __forceinline__ Summary<acc_t> warp_merge(Summary<acc_t> s) {
+// The sum of v over the warp, for every lane.
+__device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2)
-    s = merge(s, Summary<acc_t>{__shfl_xor_sync(0xffffffff, s.n, offset), __shfl_xor_sync(0xffffffff, s.mean, offset),
-                                __shfl_xor_sync(0xffffffff, s.m2, offset)});
-  return s;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+  return v;
 }
 
 // As PyTorch does: the running statistics (float32 or the input's dtype) move towards the batch's, the
@@ -506,7 +520,9 @@ __device__ __forceinline__ void update_running(void* running_mean, void* running
 }
 
 // A warp per channel merges the channel's `parts` pieces, writes the batch mean and biased variance, and
-// updates the running statistics (when given).
+// updates the running statistics (when given). The merge is by sums alone, as block_summary's: the mean from
+// the counts and count-weighted means, then M2 from each piece's M2 and its spread around that mean (a merge
+// tree divides at every step, and a float64 division takes hundreds of cycles).
 template <typename scalar_t>
 __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_t parts, int64_t channels,
                                       typename Acc<scalar_t>::type* mean, typename Acc<scalar_t>::type* var,
@@ -514,13 +530,22 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (c >= channels) return;
-  const int64_t stride = parts * channels;
-  Summary<double> s{0, 0, 0};
+  // Piece p of channel c: count n[p * channels], mean means[...], M2 m2s[...].
+  const double* n = summary + c;
+  const double* means = n + parts * channels;
+  const double* m2s = means + parts * channels;
+  double count = 0, weighted = 0, m2 = 0;
   for (int64_t p = lane; p < parts; p += 32) {
-    const int64_t at = p * channels + c;
-    s = merge(s, Summary<double>{summary[at], summary[stride + at], summary[2 * stride + at]});
+    count += n[p * channels];
+    weighted += n[p * channels] * means[p * channels];
   }
-  s = warp_merge(s);
+  count = warp_sum(count);
+  const double average = warp_sum(weighted) / max(count, 1.0);
+  for (int64_t p = lane; p < parts; p += 32) {
+    const double d = means[p * channels] - average;
+    m2 += m2s[p * channels] + n[p * channels] * d * d;
+  }
+  const Summary<double> s{count, average, warp_sum(m2)};
   if (lane != 0) return;
   mean[c] = s.mean;
   var[c] = s.m2 / s.n;
@@ -539,8 +564,7 @@ constexpr int HELD = 16;
 
 // The sum of v over the block, for every thread; `scratch` holds one double per warp.
 __device__ double block_sum(double v, double* scratch) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+  v = warp_sum(v);
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
   v = 0;
@@ -920,8 +944,8 @@ cudaError_t naive_typed(const Launch& l) {
   return cudaGetLastError();
 }
 
-// The statistics kernels' grid: about one block per STATS_THREADS thread slots of the GPU, so the whole
-// tensor is read in one wave, each block summarising one piece of its channels.
+// The statistics kernels' grid: STATS_BLOCKS_PER_SM blocks per SM, so the whole tensor is read in one wave,
+// each block summarising one piece of its channels.
 struct StatsGrid {
   int vec;
   int64_t tx, ty, gx, parts, chunk;
@@ -941,7 +965,7 @@ int device_attribute(cudaDeviceAttr attribute) {
 int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
 StatsGrid stats_grid(const StatsLaunch& l) {
-  const int64_t blocks = int64_t(sm_count()) * (2048 / STATS_THREADS);
+  const int64_t blocks = int64_t(sm_count()) * STATS_BLOCKS_PER_SM;
   const int full = VEC_BYTES / element_size(l.dtype);
   if (!l.channels_last) {
     const int vec = l.vectorized && aligned(l.x) && l.plane % full == 0 ? full : 1;
