@@ -60,6 +60,17 @@ def test_half_running_statistics(backend):
     assert relative_error(running_mean, expected_mean) <= 1e-3
 
 
+def test_triton_finalize_over_several_steps(monkeypatch):
+    """Triton's finalize takes FINALIZE_PARTS pieces of FINALIZE_CHANNELS channels at a time: with 2 pieces a
+    step, three pieces of 20 channels (channels_last, 768 rows) need two steps in each of three programs."""
+    monkeypatch.setattr(triton_kernels, "FINALIZE_PARTS", 2)
+    x = make_layout(torch.randn(12, 20, 8, 8, device=DEVICE) * 2 + 3, "channels_last")
+    mean, var = triton_kernels.batch_stats(x, "channels_last", None, None, 0.1)
+    expected_mean, expected_var = batch_stats_reference(x)
+    assert relative_error(mean, expected_mean) <= 1e-6
+    assert relative_error(var, expected_var) <= 1e-6
+
+
 # The one-kernel paths. A block per channel: planes of whole 16-byte vectors, of 8-byte ones (5x6 planes in
 # float32, 14x14 in 16-bit types) or neither, one element per plane, every dtype. The persistent grid
 # (float32): fewer vectors than blocks, a channel that fits on chip, and channels larger than an H100 holds on
