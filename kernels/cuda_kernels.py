@@ -216,15 +216,24 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
   for (int64_t start = int64_t(blockIdx.x) * tile; start < numel; start += int64_t(gridDim.x) * tile) {
     const int count = int(min(int64_t(tile), numel - start));
     vec_t in[UNROLL];
+    // A whole tile (all but the last) loads whole vectors unconditionally: with a load that may not happen
+    // per vector, the compiler unpacked each 16-bit vector as it arrived and reused its registers for the
+    // next load, so the four loads went one at a time (the SASS of the float16 and bfloat16 kernels).
+    if (count == tile) {
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int e = (threadIdx.x + u * blockDim.x) * VEC;
-      if (e + VEC <= count) {
-        in[u] = *reinterpret_cast<const vec_t*>(x + start + e);
-      } else {
+      for (int u = 0; u < UNROLL; ++u)
+        in[u] = *reinterpret_cast<const vec_t*>(x + start + (threadIdx.x + u * blockDim.x) * VEC);
+    } else {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j)
-          if (e + j < count) in[u].v[j] = x[start + e + j];
+      for (int u = 0; u < UNROLL; ++u) {
+        const int e = (threadIdx.x + u * blockDim.x) * VEC;
+        if (e + VEC <= count) {
+          in[u] = *reinterpret_cast<const vec_t*>(x + start + e);
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j)
+            if (e + j < count) in[u].v[j] = x[start + e + j];
+        }
       }
     }
     // The tile's planes start at plane0, entered at position pos0.
