@@ -24,6 +24,7 @@ def cases(x, backends):
     stats = torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
     reference = torch.nn.BatchNorm2d(c).to(x.device).eval()
     yield "clone", "torch", x.clone
+    yield "empty_like", "torch", lambda: torch.empty_like(x)
     yield "F.batch_norm", "torch", lambda: F.batch_norm(x, *stats)
     yield "nn.BatchNorm2d", "torch", lambda: reference(x)
     for backend in backends:
@@ -32,6 +33,10 @@ def cases(x, backends):
         yield "BatchNorm2d", backend, lambda module=module: module(x)
         yield "batch_norm", backend, lambda backend=backend: batch_norm(x, *stats, backend=backend)
         yield "batch_norm(out=)", backend, lambda backend=backend, out=out: batch_norm(x, *stats, backend=backend, out=out)
+        # The layer under batch_norm: the backend's launch alone (its binding or JIT launcher, and the kernel).
+        kernels, config = functional._kernels(backend), functional._config_list(backend, None)
+        yield "launch", backend, lambda kernels=kernels, out=out, config=config: kernels.normalize(
+            x, out, None, None, *stats, 1e-5, "nchw", config)
 
 
 def per_call_us(fn, calls: int, repeats: int, sync):
