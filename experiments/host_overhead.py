@@ -76,6 +76,7 @@ def main(argv=None):
             stubs.enter_context(mock.patch.object(functional, "_runs_kernels", lambda x, backend: backend != "torch"))
             for kernels in (cuda_kernels, triton_kernels):
                 stubs.enter_context(mock.patch.object(kernels, "normalize", lambda *launch: None))
+            stubs.enter_context(mock.patch.object(cuda_kernels, "eval_forward", lambda x, *args: x))
         for name, backend, fn in cases(x, args.backends):
             median, p20, p80 = per_call_us(fn, args.calls, args.repeats, sync)
             rows.append(dict(call=name, backend=backend, shape=args.shape, us_per_call=median, p20_us=p20, p80_us=p80))

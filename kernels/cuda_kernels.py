@@ -1153,6 +1153,8 @@ cudaError_t launch_stats(const StatsLaunch& l) {
 CPP_SOURCE = COMMON + r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/GradMode.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/Exceptions.h>
@@ -1162,6 +1164,9 @@ namespace {
 
 // Errors are returned to Python, which raises them, instead of thrown: under PyTorch 2.11 a c10::Error
 // thrown through this module crashed the process (experiments/NOTES.md). An empty string means success.
+// Threads per block of the eval kernels where the caller asks for the default (0).
+constexpr int64_t DEFAULT_THREADS = 256;
+
 #define BN2D_REQUIRE(cond, msg) \
   do {                          \
     if (!(cond)) return std::string("bn2d: ") + (msg); \
@@ -1196,8 +1201,9 @@ std::string check(const at::Tensor& x, const at::Tensor& y, const c10::optional<
                   const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
                   int64_t threads) {
   if (auto error = check_io(x, y); !error.empty()) return error;
-  BN2D_REQUIRE(threads >= 32 && threads <= 1024 && threads % 32 == 0,
-               "threads per block must be a multiple of 32 in [32, 1024], got " + std::to_string(threads));
+  BN2D_REQUIRE(threads == 0 || (threads >= 32 && threads <= 1024 && threads % 32 == 0),
+               "threads per block must be 0 (the default) or a multiple of 32 in [32, 1024], got " +
+                   std::to_string(threads));
   if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
   return check_pair(x, mean, var);
 }
@@ -1235,7 +1241,8 @@ std::string run(cudaError_t (*launcher)(const bn2d::Launch&), const at::Tensor& 
   const bool stats_fp32 = mean.scalar_type() == at::kFloat;
   const bn2d::Launch launch{dtype_of(x), x.data_ptr(), y.data_ptr(),
                             params_of(weight, bias, mean, mean.data_ptr(), var.data_ptr(), stats_fp32, eps),
-                            x.numel(), x.size(1), x.size(2) * x.size(3), int(threads), vectorized, max_blocks,
+                            x.numel(), x.size(1), x.size(2) * x.size(3), int(threads ? threads : DEFAULT_THREADS),
+                            vectorized, max_blocks,
                             c10::cuda::getCurrentCUDAStream().stream()};
   return launch_error(launcher(launch));
 }
@@ -1295,6 +1302,33 @@ std::string naive(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Te
   return run(bn2d::launch_naive, x, y, weight, bias, mean, var, eps, 256, false, 0);
 }
 
+// Eval mode's hot path in one bound call, the output allocated here: the fewest arguments to convert from
+// Python (a call's host time, not the GPU's, is what a small tensor costs). Contiguous NCHW or channels_last x,
+// default launch parameters. Returns None whenever anything is off -- a failed check, another layout, an empty
+// input, an input that needs a gradient, no statistics, a failed allocation or launch -- and the caller then
+// takes the general path, which handles the case or says what is wrong.
+at::Tensor eval_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mean,
+                        const c10::optional<at::Tensor>& var, double eps) {
+  if (!mean.has_value() || !var.has_value() || !x.is_cuda() || x.dim() != 4 || x.numel() == 0) return {};
+  if (at::GradMode::is_enabled()) {
+    for (const auto* t : {&weight, &bias, &mean, &var})
+      if (t->has_value() && (*t)->requires_grad()) return {};
+    if (x.requires_grad()) return {};
+  }
+  const bool nchw = x.is_contiguous();
+  if (!nchw && !x.is_contiguous(at::MemoryFormat::ChannelsLast)) return {};
+  at::Tensor y;
+  try {
+    y = at::empty_like(x);  // x's strides (dense): contiguous or channels_last
+  } catch (...) {  // out of memory: the general path allocates again and raises it
+    return {};
+  }
+  const auto launcher = nchw && x.size(2) * x.size(3) > 1 ? bn2d::launch_nchw : bn2d::launch_channels_last;
+  const std::string error = run(launcher, x, y, weight, bias, *mean, *var, eps, 0, true, 0);
+  return error.empty() ? y : at::Tensor();
+}
+
 // Training mode: the batch mean and biased variance of each channel of x into `mean` and `var` (float32,
 // float64 for float64 input), and the running statistics updated in place (when given).
 std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
@@ -1339,13 +1373,13 @@ std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::option
 }
 """
 
-FUNCTIONS = ["nchw", "channels_last", "naive", "batch_stats", "fused_training"]
+FUNCTIONS = ["nchw", "channels_last", "naive", "eval_forward", "batch_stats", "fused_training"]
 
 
 class CudaConfig(NamedTuple):
     """Launch parameters of the CUDA kernels (the naive kernel has fixed ones)."""
 
-    threads: int = 256  # threads per block, a multiple of 32
+    threads: int = 0  # threads per block, a multiple of 32; 0: the default (256)
     vectorized: bool = True  # 16-byte loads and stores where the pointers and sizes allow
     blocks_per_sm: int = 0  # 0: enough blocks to cover the tensor once; k: a grid-stride grid of k per SM
     fused: int = -1  # training: -1 one kernel reading x once where it pays, 0 never, 1 wherever one applies
@@ -1405,6 +1439,12 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
         max_blocks = blocks_per_sm * _sm_count(x.device) if blocks_per_sm else 0
         error = getattr(m, layout)(x, y, weight, bias, mean, var, eps, threads, bool(vectorized), max_blocks)
     _check(error)
+
+
+def eval_forward(x, weight, bias, mean, var, eps: float):
+    """Eval mode's hot path, one bound call: y for contiguous NCHW or channels_last CUDA x with the default
+    launch, or None where anything is off (the general path then runs, or says what is wrong)."""
+    return module().eval_forward(x, weight, bias, mean, var, eps)
 
 
 def batch_stats(x, layout: str, running_mean, running_var, momentum: float):

@@ -34,6 +34,13 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     and strides of the result. CPU tensors go through PyTorch, except the Triton backend under
     ``TRITON_INTERPRET=1``.
     """
+    # Eval mode's hot path on the CUDA backend: one bound call checks, allocates and launches (a small tensor
+    # costs its host time). None sends the call down the general path below.
+    if (backend == "cuda" and not training and config is None and out is None and isinstance(input, Tensor)
+            and _runs_kernels(input, backend) and not _is_compiling()):
+        y = cuda_kernels.eval_forward(input, weight, bias, running_mean, running_var, eps)
+        if y is not None:
+            return y
     _check_inputs(input, running_mean, running_var, weight, bias, backend)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")

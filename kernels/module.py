@@ -19,9 +19,10 @@ class BatchNorm2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
     def forward(self, input):
-        if not self.training and self.running_mean is not None:  # eval with running statistics: the hot path
-            return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-                              self.eps, backend=self.backend)
+        running_mean = self.running_mean  # read once: a buffer's lookup costs nn.Module.__getattr__
+        if not self.training and running_mean is not None:  # eval with running statistics: the hot path
+            return batch_norm(input, running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps,
+                              backend=self.backend)
         self._check_input_dim(input)
         # The momentum and num_batches_tracked bookkeeping of nn.BatchNorm2d.forward, line for line.
         factor = 0.0 if self.momentum is None else self.momentum

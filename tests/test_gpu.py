@@ -4,7 +4,7 @@ import torch
 from conftest import TOLERANCE, gpu, make_params
 from torch import nn
 
-from kernels import BatchNorm2d, CudaConfig, batch_norm, output_like
+from kernels import BatchNorm2d, CudaConfig, batch_norm, cuda_kernels, output_like
 from kernels.reference import batch_norm_error, batch_norm_reference, relative_error
 
 pytestmark = gpu
@@ -50,6 +50,42 @@ def test_cuda_configs(shape, fmt, config, dtype, offset):
     params = make_params(shape[1])
     batch_norm(x, *params, backend="cuda", config=config, out=out)
     assert relative_error(out, batch_norm_reference(x, *params)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 5, 1, 1), (2, 3, 7, 7), (2, 4, 13, 17), (1, 32, 56, 56)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_eval_hot_path(shape, fmt, dtype, affine):
+    """batch_norm's eval hot path (one bound call that allocates the output) is taken and right. Its output
+    is poisoned through the allocator: a freed block of NaNs of the same size is what it hands out next."""
+    x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    params = make_params(shape[1], affine=affine)
+    torch.empty_like(x).fill_(float("nan"))
+    y = cuda_kernels.eval_forward(x, *params[2:], *params[:2], 1e-3)
+    assert y is not None and y.stride() == x.stride()
+    assert relative_error(y, batch_norm_reference(x, *params, eps=1e-3)) <= TOLERANCE[dtype]
+
+
+def test_eval_hot_path_declines():
+    """Whatever the hot path does not take (None) goes down the general path, which handles it or raises."""
+    x = torch.randn(2, 8, 6, 6, device="cuda")
+    mean, var, weight, bias = make_params(8)
+    wide = torch.randn(2, 8, 6, 12, device="cuda")[..., ::2]
+    declined = [(wide, weight, bias, mean, var), (x[:0], weight, bias, mean, var),
+                (x.clone().requires_grad_(), weight, bias, mean, var), (x, weight, bias, None, None),
+                (x, weight[:-1], bias, mean, var), (x, weight.double(), bias, mean, var)]
+    for args in declined:
+        assert cuda_kernels.eval_forward(*args, 1e-5) is None
+    with torch.no_grad():
+        assert cuda_kernels.eval_forward(x.clone().requires_grad_(), weight, bias, mean, var, 1e-5) is not None
+    y = batch_norm(wide, mean, var, weight, bias)
+    assert relative_error(y, batch_norm_reference(wide, mean, var, weight, bias)) <= TOLERANCE[torch.float32]
+    with pytest.raises(ValueError, match="weight should have 8 elements"):
+        batch_norm(x, mean, var, weight[:-1], bias)
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        batch_norm(x, mean, var, weight.double(), bias)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
