@@ -4,10 +4,11 @@ The sources below are the whole CUDA implementation, compiled once, on first use
 cache. ``CUDA_SOURCE`` holds the kernels and their launchers and includes no ATen header, so nvcc compiles it
 quickly; ``CPP_SOURCE`` holds the tensor-facing side (checks, dtype dispatch, the current stream). Kernels:
 
-* ``nchw_kernel`` -- contiguous NCHW as a flat array cut into tiles of ``threads x UNROLL`` 16-byte vectors.
-  The scale and shift of the planes a tile touches are computed once per tile, into shared memory, while
-  the tile's loads are in flight. A vector that straddles two planes (7x7 or 14x14 planes in 16-bit types)
-  walks into the next plane, so every plane size keeps full-width accesses and no block idles on a 7x7 plane.
+* ``nchw_kernel`` -- contiguous NCHW as a flat array cut into tiles of ``threads x UNROLL`` 16-byte vectors
+  (8-byte ones where a plane is a whole number of those only: 14x14 planes in 16-bit types). The scale and
+  shift of the planes a tile touches are computed once per tile, into shared memory, while the tile's loads
+  are in flight. A vector that straddles two planes (7x7 planes) walks into the next plane, so every plane
+  size keeps wide accesses and no block idles on a 7x7 plane.
 * ``channels_last_kernel`` -- NHWC (and NCHW with 1x1 planes, the same memory). A block owns a range of
   channels, computes their scale and shift once into shared memory, and its threads walk down the rows with
   their channels' pairs in registers.
@@ -913,14 +914,18 @@ cudaError_t nchw_by_plane_length(const Launch& l) {
   return long_planes ? nchw_launch<scalar_t, VEC, WHOLE, true>(l) : nchw_launch<scalar_t, VEC, WHOLE, false>(l);
 }
 
-// The NCHW kernel for a launch: vector width by alignment, the straddle walk only where a plane is not a whole
-// number of vectors, the shared-memory table only for planes shorter than a tile.
+// The NCHW kernel for a launch: vector width by alignment; the widest vector a plane is a whole number of (16
+// bytes, else 8: 14x14 planes of a 16-bit type), the straddle walk only where a plane is neither (7x7); the
+// shared-memory table only for planes shorter than a tile.
 template <typename scalar_t>
 cudaError_t nchw_typed(const Launch& l) {
   constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
   if (!l.vectorized || !aligned(l.x) || !aligned(l.y)) return nchw_by_plane_length<scalar_t, 1, true>(l);
-  return l.plane % VEC == 0 ? nchw_by_plane_length<scalar_t, VEC, true>(l)
-                            : nchw_by_plane_length<scalar_t, VEC, false>(l);
+  if (l.plane % VEC == 0) return nchw_by_plane_length<scalar_t, VEC, true>(l);
+  if constexpr (VEC > 2) {
+    if (l.plane % (VEC / 2) == 0) return nchw_by_plane_length<scalar_t, VEC / 2, true>(l);
+  }
+  return nchw_by_plane_length<scalar_t, VEC, false>(l);
 }
 
 template <typename scalar_t, int VEC>

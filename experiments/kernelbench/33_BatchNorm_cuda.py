@@ -883,14 +883,18 @@ cudaError_t nchw_by_plane_length(const Launch& l) {
   return long_planes ? nchw_launch<scalar_t, VEC, WHOLE, true>(l) : nchw_launch<scalar_t, VEC, WHOLE, false>(l);
 }
 
-// The NCHW kernel for a launch: vector width by alignment, the straddle walk only where a plane is not a whole
-// number of vectors, the shared-memory table only for planes shorter than a tile.
+// The NCHW kernel for a launch: vector width by alignment; the widest vector a plane is a whole number of (16
+// bytes, else 8: 14x14 planes of a 16-bit type), the straddle walk only where a plane is neither (7x7); the
+// shared-memory table only for planes shorter than a tile.
 template <typename scalar_t>
 cudaError_t nchw_typed(const Launch& l) {
   constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
   if (!l.vectorized || !aligned(l.x) || !aligned(l.y)) return nchw_by_plane_length<scalar_t, 1, true>(l);
-  return l.plane % VEC == 0 ? nchw_by_plane_length<scalar_t, VEC, true>(l)
-                            : nchw_by_plane_length<scalar_t, VEC, false>(l);
+  if (l.plane % VEC == 0) return nchw_by_plane_length<scalar_t, VEC, true>(l);
+  if constexpr (VEC > 2) {
+    if (l.plane % (VEC / 2) == 0) return nchw_by_plane_length<scalar_t, VEC / 2, true>(l);
+  }
+  return nchw_by_plane_length<scalar_t, VEC, false>(l);
 }
 
 template <typename scalar_t, int VEC>
