@@ -33,10 +33,11 @@ def cases(x, backends):
         yield "BatchNorm2d", backend, lambda module=module: module(x)
         yield "batch_norm", backend, lambda backend=backend: batch_norm(x, *stats, backend=backend)
         yield "batch_norm(out=)", backend, lambda backend=backend, out=out: batch_norm(x, *stats, backend=backend, out=out)
-        # The layer under batch_norm: the backend's launch alone (its binding or JIT launcher, and the kernel).
-        kernels, config = functional._kernels(backend), functional._config_list(backend, None)
-        yield "launch", backend, lambda kernels=kernels, out=out, config=config: kernels.normalize(
-            x, out, None, None, *stats, 1e-5, "nchw", config)
+        if functional._runs_kernels(x, backend):
+            # The layer under batch_norm: the backend's launch alone (its binding or JIT launcher, and the kernel).
+            kernels, config = functional._kernels(backend), functional._config_list(backend, None)
+            yield "launch", backend, lambda kernels=kernels, out=out, config=config: kernels.normalize(
+                x, out, None, None, *stats, 1e-5, "nchw", config)
 
 
 def per_call_us(fn, calls: int, repeats: int, sync):

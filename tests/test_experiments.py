@@ -85,7 +85,7 @@ def test_grid_runs_give_only_their_launch_configs():
 
 def test_host_overhead_writes_one_row_per_call(tmp_path):
     out = tmp_path / "host.csv"
-    host_overhead.main(["--device", "cpu", "--backends", "triton", "--shape", "1x4x3x3", "--calls", "2",
+    host_overhead.main(["--device", DEVICE, "--backends", "triton", "--shape", "1x4x3x3", "--calls", "2",
                         "--repeats", "2", "--out", str(out)])
     rows = list(csv.DictReader(out.open()))
     assert [r["call"] for r in rows] == ["clone", "empty_like", "F.batch_norm", "nn.BatchNorm2d", "BatchNorm2d",
