@@ -536,8 +536,9 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
 // slots) and summarises it while keeping it on chip: HELD slots in registers, up to `shared_slots` in shared
 // memory (copied there by cp.async); the rest, where the chip holds less than a channel, is read last, so
 // that the normalisation can read it again first, from L2. Then the grid synchronises, every block merges
-// the blocks' summaries of the channel, and writes its share normalised. One barrier per channel: the rule
-// in read_once() keeps this kernel to channels large enough to pay for it.
+// the blocks' summaries of the channel, and writes its share normalised, loading the next channel's share
+// into the registers and shared memory as they are written out. One barrier per channel: the rule in
+// read_once() keeps this kernel to channels large enough to pay for it.
 constexpr int FUSED_THREADS = 384;
 constexpr int HELD = 16;
 
@@ -619,31 +620,40 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
     }
     return block_summary(t, scratch);
   };
-  for (int64_t c = 0; c < channels; ++c) {
-    const Affine<acc_t> wb = weight_bias<scalar_t, acc_t>(p, c);  // in flight while x is summarised
-    auto at = [&](int slot) {  // the vector offset of this thread's slot in x and y
-      const uint32_t i = uint32_t(begin + slot * blockDim.x + threadIdx.x);
-      const uint32_t n = plane_div(i);
-      return (int64_t(n) * channels + c) * plane_vecs + (i - n * plane_vecs);
-    };
-    // Requests in the order L2 should keep them: the shared-memory slots (copied without passing through
-    // registers, all in flight at once) and the register slots as read once, then the rest.
-    for (int k = HELD; k < min(streamed, slots); ++k)
-      if (valid(k)) __pipeline_memcpy_async(stash + (k - HELD) * blockDim.x + threadIdx.x, xv + at(k), sizeof(vec_t));
-    __pipeline_commit();
-    vec_t held[HELD];
+  auto at = [&](int64_t c, int slot) {  // the vector offset of this thread's slot of channel c in x and y
+    const uint32_t i = uint32_t(begin + slot * blockDim.x + threadIdx.x);
+    const uint32_t n = plane_div(i);
+    return (int64_t(n) * channels + c) * plane_vecs + (i - n * plane_vecs);
+  };
+  // The part of channel c kept on chip is requested in one go: the shared-memory slots (copied without
+  // passing through registers, all in flight at once) and the register slots. Channel 0's here; each next
+  // channel's as the previous one's stores free the space.
+  vec_t held[HELD];
+  auto load_held = [&](int64_t c) {
 #pragma unroll
     for (int k = 0; k < HELD; ++k)
-      if (valid(k)) held[k] = load_last(xv + at(k));
+      if (valid(k)) held[k] = load_last(xv + at(c, k));
+  };
+  auto load_stash = [&](int64_t c) {
+    for (int k = HELD; k < min(streamed, slots); ++k)
+      if (valid(k)) __pipeline_memcpy_async(stash + (k - HELD) * blockDim.x + threadIdx.x, xv + at(c, k), sizeof(vec_t));
+    __pipeline_commit();
+  };
+  if (channels > 0) {
+    load_stash(0);
+    load_held(0);
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    const Affine<acc_t> wb = weight_bias<scalar_t, acc_t>(p, c);  // in flight while x is summarised
     Summary<acc_t> s{0, 0, 0};
 #pragma unroll
     for (int k = 0; k < HELD; k += UNROLL)
       if (valid(k)) s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(held + k, valid_of(k)));
-    for (int k = streamed; k < slots; k += UNROLL) {
+    for (int k = streamed; k < slots; k += UNROLL) {  // the rest, read last so that L2 still has it below
       vec_t in[UNROLL];
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u)
-        if (valid(k + u)) in[u] = xv[at(k + u)];
+        if (valid(k + u)) in[u] = xv[at(c, k + u)];
       if (valid(k)) s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(in, valid_of(k)));
     }
     __pipeline_wait_prior(0);
@@ -670,16 +680,22 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
       vec_t in[UNROLL];
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u)
-        if (valid(k + u)) in[u] = load_last(xv + at(k + u));
+        if (valid(k + u)) in[u] = load_last(xv + at(c, k + u));
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u)
-        if (valid(k + u)) store_last(yv + at(k + u), normalized(in[u]));
+        if (valid(k + u)) store_last(yv + at(c, k + u), normalized(in[u]));
     }
-    for (int k = HELD; k < min(streamed, slots); ++k)
-      if (valid(k)) store_last(yv + at(k), normalized(stash[(k - HELD) * blockDim.x + threadIdx.x]));
+    // As each part's stores are issued, the next channel's loads into the same registers and shared memory
+    // follow, so device memory reads the next channel while it writes this one (as a copy does) instead of
+    // a read-only phase and a write-only one.
+    const bool next = c + 1 < channels;
 #pragma unroll
     for (int k = 0; k < HELD; ++k)
-      if (valid(k)) store_last(yv + at(k), normalized(held[k]));
+      if (valid(k)) store_last(yv + at(c, k), normalized(held[k]));
+    if (next) load_held(c + 1);
+    for (int k = HELD; k < min(streamed, slots); ++k)
+      if (valid(k)) store_last(yv + at(c, k), normalized(stash[(k - HELD) * blockDim.x + threadIdx.x]));
+    if (next) load_stash(c + 1);
   }
   // The running statistics after every channel, off the barriers' critical path (their loads and stores held
   // up one block per channel): block b takes channels b, b + gridDim.x, ..., from the block summaries each
@@ -1206,11 +1222,11 @@ cudaError_t launch_stats(const StatsLaunch& l);
 
 namespace {
 
-// Errors are returned to Python, which raises them, instead of thrown: under PyTorch 2.11 a c10::Error
-// thrown through this module crashed the process (experiments/NOTES.md). An empty string means success.
 // Threads per block of the eval kernels where the caller asks for the default (0).
 constexpr int64_t DEFAULT_THREADS = 256;
 
+// Errors are returned to Python, which raises them, instead of thrown: under PyTorch 2.11 a c10::Error
+// thrown through this module crashed the process (experiments/NOTES.md). An empty string means success.
 #define BN2D_REQUIRE(cond, msg) \
   do {                          \
     if (!(cond)) return std::string("bn2d: ") + (msg); \
