@@ -103,8 +103,13 @@ FLAT_BLOCK = 2048
 @triton.jit
 def normalize_flat_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps, NUMEL, C,
                           PLANE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                          BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # 32-bit offsets unless the tensor needs more: the division and the modulo below run per element, and in
+    # 64 bits each is a long instruction sequence.
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < NUMEL
     scale, shift = _affine((offsets // PLANE) % C, mask, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
                            HAS_WEIGHT, HAS_BIAS, ACC)
@@ -131,7 +136,8 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
         block = min(block_r * block_l, FLAT_BLOCK)  # a config's tile, as a flat count
         normalize_flat_kernel[(triton.cdiv(x.numel(), block),)](
             x, y, weight, bias, mean, var, eps, x.numel(), c, PLANE=cols, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, ACC=acc, BLOCK=block, num_warps=num_warps)
+            HAS_BIAS=bias is not None, ACC=acc, BLOCK=block, WIDE=x.numel() + block >= 2 ** 31,
+            num_warps=num_warps)
         return
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_l),)
     normalize_kernel[grid](
