@@ -12,7 +12,9 @@ KERNELS = ["cuda", "triton"]
 
 
 @pytest.mark.parametrize("shape, fmt", [((1, 2, 32768, 32770), torch.contiguous_format),
-                                        ((1, 64, 8192, 4097), torch.channels_last)], ids=["nchw", "channels_last"])
+                                        ((1, 2, 32769, 32769), torch.contiguous_format),
+                                        ((1, 64, 8192, 4097), torch.channels_last)],
+                         ids=["nchw", "nchw_odd_plane", "channels_last"])
 @pytest.mark.parametrize("backend", KERNELS)
 def test_more_than_2_31_elements(backend, shape, fmt):
     x = torch.randn(shape, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)

@@ -8,8 +8,9 @@ Both layouts are a row-major matrix of R rows by L columns, and one kernel serve
 * contiguous NCHW: rows are the N*C planes, L = H*W, and the channel of row r is r % C;
 * channels_last:   rows are the N*H*W pixels, L = C, and the channel of column l is l.
 
-A program normalises one [BLOCK_R, BLOCK_L] tile. Small planes (7x7) put many rows in one tile, so no
-program idles on a tiny plane; scale and shift are computed once per row (or column) of the tile.
+A program normalises one [BLOCK_R, BLOCK_L] tile. Small planes put many rows in one tile, so no program
+idles on a tiny plane; scale and shift are computed once per row (or column) of the tile. NCHW planes that
+are not a whole number of 16 elements (7x7, 14x14, odd sizes) go to a flat kernel instead (below).
 """
 from typing import NamedTuple
 
@@ -68,7 +69,8 @@ def normalize_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
                      ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, ROW_LEN: tl.constexpr):
     if ROW_LEN:
         # A row length known at compile time tells Triton how far each row start is aligned (a run-time
-        # length is only known to be a multiple of 16 or not), so 14x14 planes keep 8-byte accesses.
+        # length is only known to be a multiple of 16 or not), so channels_last rows of 24 channels, say,
+        # keep 16-byte accesses.
         L = ROW_LEN
     # A 1-D grid (the y and z grid dimensions stop at 65535 programs), column blocks fastest.
     col_blocks = tl.cdiv(L, BLOCK_L)
@@ -93,12 +95,12 @@ def normalize_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
     tl.store(y_ptr + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# NCHW planes shorter than FLAT_MAX_PLANE elements and not a whole number of 16 (7x7: 49): no row of such a
-# plane is aligned, so the tile kernel loses its wide accesses. The flat kernel reads the tensor as one
-# aligned array and gathers each element's scale and shift by its channel, (offset // PLANE) % C with PLANE a
-# compile-time constant, as torch.compile's generated kernel does; tiles of at most FLAT_BLOCK elements keep
-# the per-element gathers in registers.
-FLAT_MAX_PLANE = 64
+# NCHW planes that are not a whole number of 16 elements (7x7: 49, 14x14: 196, 9x11: 99): the rows of such
+# planes start at odd alignments, so the tile kernel loses its wide accesses. The flat kernel reads the tensor
+# as one aligned array and gathers each element's scale and shift by its channel, (offset // PLANE) % C with
+# PLANE a compile-time constant, as torch.compile's generated kernel does; tiles of at most FLAT_BLOCK
+# elements keep the per-element gathers in registers. Measured faster than the tile kernel at every such
+# plane in the sweep, small and large (experiments/NOTES.md).
 FLAT_BLOCK = 2048
 
 
@@ -134,7 +136,7 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
         for given, default in zip(config, default_config(rows, cols))
     )
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    if layout == "nchw" and cols % 16 and cols < FLAT_MAX_PLANE:
+    if layout == "nchw" and cols % 16:
         block = min(block_r * block_l, FLAT_BLOCK)  # a config's tile, as a flat count
         normalize_flat_kernel[(triton.cdiv(x.numel(), block),)](
             x, y, weight, bias, mean, var, eps, x.numel(), c, PLANE=cols, HAS_WEIGHT=weight is not None,
