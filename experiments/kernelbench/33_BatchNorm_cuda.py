@@ -1376,16 +1376,16 @@ at::Tensor eval_forward(const at::Tensor& x, const c10::optional<at::Tensor>& we
       if (t->has_value() && (*t)->requires_grad()) return {};
     if (x.requires_grad()) return {};
   }
-  const bool nchw = x.is_contiguous();
-  if (!nchw && !x.is_contiguous(at::MemoryFormat::ChannelsLast)) return {};
+  const bool contiguous = x.is_contiguous();
+  if (!contiguous && !x.is_contiguous(at::MemoryFormat::ChannelsLast)) return {};
   at::Tensor y;
   try {
     y = at::empty_like(x);  // x's strides (dense): contiguous or channels_last
   } catch (...) {  // out of memory: the general path allocates again and raises it
     return {};
   }
-  const auto launcher = nchw && x.size(2) * x.size(3) > 1 ? bn2d::launch_nchw : bn2d::launch_channels_last;
-  const std::string error = run(launcher, x, y, weight, bias, *mean, *var, eps, 0, true, 0);
+  const std::string error = contiguous ? nchw(x, y, weight, bias, *mean, *var, eps, 0, true, 0)
+                                       : channels_last(x, y, weight, bias, *mean, *var, eps, 0, true, 0);
   return error.empty() ? y : at::Tensor();
 }
 
