@@ -66,6 +66,7 @@ struct Launch {
   int threads;
   bool vectorized;
   int64_t max_blocks;  // 0: a block per tile, the tensor in one sweep
+  int small;  // the small-tensor kernel: -1 up to SMALL_BYTES (the rule), 0 never, 1 wherever it applies
   cudaStream_t stream;
 };
 
@@ -121,6 +122,8 @@ namespace {
 // Each vector access moves 16 bytes; every thread has UNROLL of them in flight before the first use.
 constexpr int VEC_BYTES = 16;
 constexpr int UNROLL = 4;
+// Tensors of at most this many bytes take the small-tensor kernel (a vector per thread, nothing else).
+constexpr int64_t SMALL_BYTES = 4 << 20;
 // The largest block a config may ask for; the kernels are compiled to fit it (at most 64 registers).
 constexpr int MAX_THREADS = 1024;
 // channels_last: at most a warp along a row (32 vectors = 512 contiguous bytes); the rest of a block takes
@@ -341,6 +344,55 @@ __global__ void __launch_bounds__(MAX_THREADS) channels_last_kernel(const scalar
       for (int j = 0; j < VEC; ++j) out.v[j] = apply(in[u].v[j], a[j]);
       *reinterpret_cast<vec_t*>(y + r * channels + c0) = out;
     }
+  }
+}
+
+// Small tensors are latency-bound: their launch is over in about one trip to memory and back, so this kernel
+// is the shortest path from load to store -- a vector per thread, its scale and shift computed from four
+// loads issued along with x's, no table, no barrier, no loop (the shape of a copy kernel). NCHW: the vector's
+// channel and, where a plane is not a whole number of vectors (STRADDLE; planes of at least a vector), the
+// next plane's for the elements past the boundary. channels_last (CL): VEC consecutive channels.
+template <typename scalar_t, int VEC, bool CL, bool STRADDLE>
+__global__ void __launch_bounds__(MAX_THREADS) small_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                                           const Params p, uint32_t numel, uint32_t plane,
+                                                           FastDiv plane_div, uint32_t channels, FastDiv channel_div) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using vec_t = Vec<scalar_t, VEC>;
+  const uint32_t i = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+  if (i >= numel) return;
+  const bool whole = i + VEC <= numel;
+  vec_t in, out;
+  if (whole) {
+    in = *reinterpret_cast<const vec_t*>(x + i);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if (i + j < numel) in.v[j] = x[i + j];
+  }
+  const auto channel = [&](uint32_t q) { return q - channel_div(q) * channels; };
+  if constexpr (CL) {
+    const uint32_t c0 = channel(i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], channel_affine<scalar_t, acc_t>(p, c0 + j));
+  } else {
+    const uint32_t q = plane_div(i), c = channel(q);
+    const Affine<acc_t> a = channel_affine<scalar_t, acc_t>(p, c);
+    if constexpr (STRADDLE) {
+      const Affine<acc_t> b = channel_affine<scalar_t, acc_t>(p, c + 1 == channels ? 0 : c + 1);
+      const uint32_t pos = i - q * plane;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], pos + j < plane ? a : b);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], a);
+    }
+  }
+  if (whole) {
+    *reinterpret_cast<vec_t*>(y + i) = out;
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if (i + j < numel) y[i + j] = out.v[j];
   }
 }
 
@@ -966,6 +1018,26 @@ cudaError_t channels_last_typed(const Launch& l) {
   return vectorized ? channels_last_launch<scalar_t, VEC>(l) : channels_last_launch<scalar_t, 1>(l);
 }
 
+template <typename scalar_t, int VEC, bool CL, bool STRADDLE>
+cudaError_t small_launch(const Launch& l) {
+  const int64_t blocks = cdiv(cdiv(l.numel, VEC), l.threads);
+  small_kernel<scalar_t, VEC, CL, STRADDLE><<<blocks, l.threads, 0, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, uint32_t(l.numel),
+      uint32_t(l.plane), make_fast_div(uint32_t(l.plane)), uint32_t(l.channels), make_fast_div(uint32_t(l.channels)));
+  return cudaGetLastError();
+}
+
+// 16-byte vectors where x, y and the layout allow (channels_last: rows of whole vectors; NCHW: planes of at
+// least one vector), else single elements.
+template <typename scalar_t, bool CL>
+cudaError_t small_typed(const Launch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  const bool vectorized = l.vectorized && aligned(l.x) && aligned(l.y) && (CL ? l.channels % VEC == 0 : l.plane >= VEC);
+  if (!vectorized) return small_launch<scalar_t, 1, CL, false>(l);
+  if (CL || l.plane % VEC == 0) return small_launch<scalar_t, VEC, CL, false>(l);
+  return small_launch<scalar_t, VEC, false, true>(l);
+}
+
 template <typename scalar_t>
 cudaError_t naive_typed(const Launch& l) {
   const int numel = int(l.numel);
@@ -1138,6 +1210,23 @@ cudaError_t channel_group_typed(const StatsLaunch& l) {
   return vectorized ? channel_group_launch<scalar_t, VEC>(l) : channel_group_launch<scalar_t, 1>(l);
 }
 
+// The small-tensor kernel for tensors of at most SMALL_BYTES (measured: experiments/NOTES.md, "Small tensors,
+// a kernel of their own"), or as the launch asks; its 32-bit indices need fewer than 2^31 elements.
+bool small(const Launch& l) {
+  if (l.small == 0 || l.numel >= (int64_t(1) << 31)) return false;
+  return l.small == 1 || (l.max_blocks == 0 && l.numel * element_size(l.dtype) <= SMALL_BYTES);
+}
+
+template <typename scalar_t>
+cudaError_t nchw_or_small(const Launch& l) {
+  return small(l) ? small_typed<scalar_t, false>(l) : nchw_typed<scalar_t>(l);
+}
+
+template <typename scalar_t>
+cudaError_t channels_last_or_small(const Launch& l) {
+  return small(l) ? small_typed<scalar_t, true>(l) : channels_last_typed<scalar_t>(l);
+}
+
 #define BN2D_DISPATCH(dtype, fn, l)                        \
   switch (dtype) {                                       \
     case DType::Float: return fn<float>(l);              \
@@ -1149,8 +1238,8 @@ cudaError_t channel_group_typed(const StatsLaunch& l) {
 
 }  // namespace
 
-cudaError_t launch_nchw(const Launch& l) { BN2D_DISPATCH(l.dtype, nchw_typed, l); }
-cudaError_t launch_channels_last(const Launch& l) { BN2D_DISPATCH(l.dtype, channels_last_typed, l); }
+cudaError_t launch_nchw(const Launch& l) { BN2D_DISPATCH(l.dtype, nchw_or_small, l); }
+cudaError_t launch_channels_last(const Launch& l) { BN2D_DISPATCH(l.dtype, channels_last_or_small, l); }
 cudaError_t launch_naive(const Launch& l) { BN2D_DISPATCH(l.dtype, naive_typed, l); }
 int64_t stats_parts(const StatsLaunch& l) {
   return l.fused == Fused::Grid ? sm_count() : l.fused == Fused::Channel ? 0 : stats_grid(l).parts;
@@ -1255,7 +1344,7 @@ std::string launch_error(cudaError_t error) {
 std::string run(cudaError_t (*launcher)(const bn2d::Launch&), const at::Tensor& x, at::Tensor& y,
                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                 const at::Tensor& mean, const at::Tensor& var, double eps, int64_t threads, bool vectorized,
-                int64_t max_blocks) {
+                int64_t max_blocks, int64_t small) {
   if (auto error = check(x, y, weight, bias, mean, var, threads); !error.empty()) return error;
   if (x.numel() == 0) return "";
   const c10::cuda::CUDAGuard guard(x.device());
@@ -1263,7 +1352,7 @@ std::string run(cudaError_t (*launcher)(const bn2d::Launch&), const at::Tensor& 
   const bn2d::Launch launch{dtype_of(x), x.data_ptr(), y.data_ptr(),
                             params_of(weight, bias, mean, mean.data_ptr(), var.data_ptr(), stats_fp32, eps),
                             x.numel(), x.size(1), x.size(2) * x.size(3), int(threads ? threads : DEFAULT_THREADS),
-                            vectorized, max_blocks,
+                            vectorized, max_blocks, int(small),
                             c10::cuda::getCurrentCUDAStream().stream()};
   return launch_error(launcher(launch));
 }
@@ -1300,19 +1389,20 @@ std::string run_training(const at::Tensor& x, const c10::optional<at::Tensor>& r
 
 std::string nchw(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                  const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
-                 int64_t threads, bool vectorized, int64_t max_blocks) {
+                 int64_t threads, bool vectorized, int64_t max_blocks, int64_t small) {
   BN2D_REQUIRE(x.is_contiguous(), "nchw expects a contiguous input");
   // 1x1 planes: NCHW and NHWC are the same memory, and the channels_last kernel is the one for it.
   const bool pixels = x.dim() == 4 && x.size(2) * x.size(3) == 1;
   return run(pixels ? bn2d::launch_channels_last : bn2d::launch_nchw, x, y, weight, bias, mean, var, eps, threads,
-             vectorized, max_blocks);
+             vectorized, max_blocks, small);
 }
 
 std::string channels_last(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
-                          double eps, int64_t threads, bool vectorized, int64_t max_blocks) {
+                          double eps, int64_t threads, bool vectorized, int64_t max_blocks, int64_t small) {
   BN2D_REQUIRE(x.is_contiguous(at::MemoryFormat::ChannelsLast), "channels_last expects a channels_last input");
-  return run(bn2d::launch_channels_last, x, y, weight, bias, mean, var, eps, threads, vectorized, max_blocks);
+  return run(bn2d::launch_channels_last, x, y, weight, bias, mean, var, eps, threads, vectorized, max_blocks,
+             small);
 }
 
 std::string naive(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
@@ -1320,7 +1410,7 @@ std::string naive(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Te
   BN2D_REQUIRE(x.is_contiguous(), "naive expects a contiguous input");
   BN2D_REQUIRE(x.numel() <= INT32_MAX, "the naive kernel indexes with 32-bit ints and cannot address " +
                                            std::to_string(x.numel()) + " elements (at most 2^31 - 1)");
-  return run(bn2d::launch_naive, x, y, weight, bias, mean, var, eps, 256, false, 0);
+  return run(bn2d::launch_naive, x, y, weight, bias, mean, var, eps, 256, false, 0, 0);
 }
 
 // Eval mode's hot path in one bound call, the output allocated here: the fewest arguments to convert from
@@ -1345,8 +1435,8 @@ at::Tensor eval_forward(const at::Tensor& x, const c10::optional<at::Tensor>& we
   } catch (...) {  // out of memory: the general path allocates again and raises it
     return {};
   }
-  const std::string error = contiguous ? nchw(x, y, weight, bias, *mean, *var, eps, 0, true, 0)
-                                       : channels_last(x, y, weight, bias, *mean, *var, eps, 0, true, 0);
+  const std::string error = contiguous ? nchw(x, y, weight, bias, *mean, *var, eps, 0, true, 0, -1)
+                                       : channels_last(x, y, weight, bias, *mean, *var, eps, 0, true, 0, -1);
   return error.empty() ? y : at::Tensor();
 }
 
@@ -1404,6 +1494,7 @@ class CudaConfig(NamedTuple):
     vectorized: bool = True  # 16-byte loads and stores where the pointers and sizes allow
     blocks_per_sm: int = 0  # 0: enough blocks to cover the tensor once; k: a grid-stride grid of k per SM
     fused: int = -1  # training: -1 one kernel reading x once where it pays, 0 never, 1 wherever one applies
+    small: int = -1  # the small-tensor kernel: -1 up to its size limit, 0 never, 1 wherever it applies
 
 
 def arch_flags() -> list:
@@ -1456,9 +1547,9 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
     if layout == "naive":
         error = m.naive(x, y, weight, bias, mean, var, eps)
     else:
-        threads, vectorized, blocks_per_sm, _ = config
+        threads, vectorized, blocks_per_sm, _, small = config
         max_blocks = blocks_per_sm * _sm_count(x.device) if blocks_per_sm else 0
-        error = getattr(m, layout)(x, y, weight, bias, mean, var, eps, threads, bool(vectorized), max_blocks)
+        error = getattr(m, layout)(x, y, weight, bias, mean, var, eps, threads, bool(vectorized), max_blocks, small)
     _check(error)
 
 

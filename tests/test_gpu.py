@@ -28,16 +28,19 @@ def test_more_than_2_31_elements(backend, shape, fmt):
             batch_norm(x, *params, backend="cuda_naive", out=out)
 
 
-# Shapes for the launch configs: 2-element planes (the largest shared-memory table), 7x7 planes (vectors
-# straddle planes), planes longer than the largest tile (a tile spans two planes), a tail that is not a whole
-# vector, and enough elements for a small grid to loop over several tiles.
+# Shapes for the launch configs (small=0: the tiled kernels, which these sizes would not take by default;
+# small=1: the small-tensor kernel): 2-element planes (the largest shared-memory table; planes shorter than a
+# vector), 7x7 planes (vectors straddle planes), planes longer than the largest tile (a tile spans two planes),
+# a tail that is not a whole vector, and enough elements for a small grid to loop over several tiles.
 CONFIG_SHAPES = [(3, 40, 1, 2), (4, 24, 7, 7), (2, 3, 130, 300), (3, 5, 7, 9), (16, 64, 28, 28)]
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("config", [CudaConfig(32, True, 0), CudaConfig(256, True, 1), CudaConfig(1024, True, 0),
-                                    CudaConfig(1024, True, 1), CudaConfig(128, False, 0)], ids=str)
+@pytest.mark.parametrize("config", [CudaConfig(32, True, 0, small=0), CudaConfig(256, True, 1),
+                                    CudaConfig(1024, True, 0, small=0), CudaConfig(1024, True, 1),
+                                    CudaConfig(128, False, 0, small=0), CudaConfig(32, True, 0, small=1),
+                                    CudaConfig(256, True, 0, small=1), CudaConfig(128, False, 0, small=1)], ids=str)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", CONFIG_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_configs(shape, fmt, config, dtype, offset):
