@@ -67,7 +67,7 @@ CUDA_FORWARD = """\
             mean = torch.empty(x.size(1), device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
             var = torch.empty_like(mean)
             _check(_module.batch_stats(x, mean, var, self.running_mean, self.running_var, self.momentum, False))
-        _check(_module.nchw(x, y, self.weight, self.bias, mean, var, self.eps, 256, True, 0))"""
+        _check(_module.nchw(x, y, self.weight, self.bias, mean, var, self.eps, 0, True, 0, -1))"""
 
 TRITON_FORWARD = """\
             kernel = read_once(x, _layout(x))

@@ -37,7 +37,7 @@ struct Launch {
   int threads;
   bool vectorized;
   int64_t max_blocks;  // 0: a block per tile, the tensor in one sweep
-  int small;  // the small-tensor kernel: -1 up to SMALL_BYTES (the rule), 0 never, 1 wherever it applies
+  int small;  // NCHW's small-tensor kernel: -1 by size (the rule), 0 never, 1 wherever it applies
   cudaStream_t stream;
 };
 
@@ -91,8 +91,10 @@ namespace {
 // Each vector access moves 16 bytes; every thread has UNROLL of them in flight before the first use.
 constexpr int VEC_BYTES = 16;
 constexpr int UNROLL = 4;
-// Tensors of at most this many bytes take the small-tensor kernel (a vector per thread, nothing else).
-constexpr int64_t SMALL_BYTES = 4 << 20;
+// NCHW tensors of at most this many bytes take the small-tensor kernel (a vector per thread, nothing else);
+// where vectors straddle planes, at most the second (measured: experiments/NOTES.md, "Small tensors, a kernel
+// of their own").
+constexpr int64_t SMALL_BYTES = 16 << 20, SMALL_STRADDLE_BYTES = 2 << 20;
 // The largest block a config may ask for; the kernels are compiled to fit it (at most 64 registers).
 constexpr int MAX_THREADS = 1024;
 // channels_last: at most a warp along a row (32 vectors = 512 contiguous bytes); the rest of a block takes
@@ -317,11 +319,11 @@ __global__ void __launch_bounds__(MAX_THREADS) channels_last_kernel(const scalar
 }
 
 // Small tensors are latency-bound: their launch is over in about one trip to memory and back, so this kernel
-// is the shortest path from load to store -- a vector per thread, its scale and shift computed from four
-// loads issued along with x's, no table, no barrier, no loop (the shape of a copy kernel). NCHW: the vector's
-// channel and, where a plane is not a whole number of vectors (STRADDLE; planes of at least a vector), the
-// next plane's for the elements past the boundary. channels_last (CL): VEC consecutive channels.
-template <typename scalar_t, int VEC, bool CL, bool STRADDLE>
+// is the shortest path from load to store -- a vector per thread, its channel's scale and shift computed
+// from four loads issued along with x's, no table, no barrier, no loop (the shape of a copy kernel).
+// Contiguous NCHW; STRADDLE (planes not a whole number of vectors, but at least one long): the next plane's
+// pair too, for the elements past the boundary.
+template <typename scalar_t, int VEC, bool STRADDLE>
 __global__ void __launch_bounds__(MAX_THREADS) small_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                                            const Params p, uint32_t numel, uint32_t plane,
                                                            FastDiv plane_div, uint32_t channels, FastDiv channel_div) {
@@ -338,23 +340,16 @@ __global__ void __launch_bounds__(MAX_THREADS) small_kernel(const scalar_t* __re
     for (int j = 0; j < VEC; ++j)
       if (i + j < numel) in.v[j] = x[i + j];
   }
-  const auto channel = [&](uint32_t q) { return q - channel_div(q) * channels; };
-  if constexpr (CL) {
-    const uint32_t c0 = channel(i);
+  const uint32_t q = plane_div(i), c = q - channel_div(q) * channels;
+  const Affine<acc_t> a = channel_affine<scalar_t, acc_t>(p, c);
+  if constexpr (STRADDLE) {
+    const Affine<acc_t> b = channel_affine<scalar_t, acc_t>(p, c + 1 == channels ? 0 : c + 1);
+    const uint32_t pos = i - q * plane;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], channel_affine<scalar_t, acc_t>(p, c0 + j));
+    for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], pos + j < plane ? a : b);
   } else {
-    const uint32_t q = plane_div(i), c = channel(q);
-    const Affine<acc_t> a = channel_affine<scalar_t, acc_t>(p, c);
-    if constexpr (STRADDLE) {
-      const Affine<acc_t> b = channel_affine<scalar_t, acc_t>(p, c + 1 == channels ? 0 : c + 1);
-      const uint32_t pos = i - q * plane;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], pos + j < plane ? a : b);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], a);
-    }
+    for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], a);
   }
   if (whole) {
     *reinterpret_cast<vec_t*>(y + i) = out;
@@ -907,6 +902,10 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+int element_size(DType dtype) {
+  return dtype == DType::Double ? 8 : dtype == DType::Float ? 4 : 2;
+}
+
 int64_t cap_blocks(int64_t blocks, int64_t max_blocks) {
   blocks = std::max<int64_t>(blocks, 1);
   return max_blocks > 0 ? std::min(blocks, max_blocks) : blocks;
@@ -945,24 +944,43 @@ cudaError_t nchw_launch(const Launch& l) {
   return cudaGetLastError();
 }
 
+template <typename scalar_t, int VEC, bool STRADDLE>
+cudaError_t small_launch(const Launch& l) {
+  small_kernel<scalar_t, VEC, STRADDLE><<<cdiv(cdiv(l.numel, VEC), l.threads), l.threads, 0, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, uint32_t(l.numel),
+      uint32_t(l.plane), make_fast_div(uint32_t(l.plane)), uint32_t(l.channels), make_fast_div(uint32_t(l.channels)));
+  return cudaGetLastError();
+}
+
+// The small-tensor kernel up to SMALL_BYTES, or SMALL_STRADDLE_BYTES where vectors straddle planes (two
+// channels' pairs per vector cost more than the tiled kernel's table beyond that), or as the launch asks; its
+// 32-bit indices need fewer than 2^31 elements, its straddling vectors planes of at least a vector.
+bool small(const Launch& l, bool straddle, int vec) {
+  if (l.small == 0 || l.numel >= (int64_t(1) << 31) || (straddle && l.plane < vec)) return false;
+  const int64_t limit = straddle ? SMALL_STRADDLE_BYTES : SMALL_BYTES;
+  return l.small == 1 || (l.max_blocks == 0 && l.numel * element_size(l.dtype) <= limit);
+}
+
 template <typename scalar_t, int VEC, bool WHOLE>
-cudaError_t nchw_by_plane_length(const Launch& l) {
+cudaError_t nchw_by_size(const Launch& l) {
+  if (small(l, !WHOLE, VEC)) return small_launch<scalar_t, VEC, !WHOLE>(l);
   const bool long_planes = l.plane >= int64_t(l.threads) * UNROLL * VEC;
   return long_planes ? nchw_launch<scalar_t, VEC, WHOLE, true>(l) : nchw_launch<scalar_t, VEC, WHOLE, false>(l);
 }
 
 // The NCHW kernel for a launch: vector width by alignment; the widest vector a plane is a whole number of (16
-// bytes, else 8: 14x14 planes of a 16-bit type), the straddle walk only where a plane is neither (7x7); the
-// shared-memory table only for planes shorter than a tile.
+// bytes, else 8: 14x14 planes of a 16-bit type), straddling vectors only where a plane is neither (7x7); the
+// small-tensor kernel for small tensors, else the tiled kernel, its shared-memory table only for planes
+// shorter than a tile.
 template <typename scalar_t>
 cudaError_t nchw_typed(const Launch& l) {
   constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
-  if (!l.vectorized || !aligned(l.x) || !aligned(l.y)) return nchw_by_plane_length<scalar_t, 1, true>(l);
-  if (l.plane % VEC == 0) return nchw_by_plane_length<scalar_t, VEC, true>(l);
+  if (!l.vectorized || !aligned(l.x) || !aligned(l.y)) return nchw_by_size<scalar_t, 1, true>(l);
+  if (l.plane % VEC == 0) return nchw_by_size<scalar_t, VEC, true>(l);
   if constexpr (VEC > 2) {
-    if (l.plane % (VEC / 2) == 0) return nchw_by_plane_length<scalar_t, VEC / 2, true>(l);
+    if (l.plane % (VEC / 2) == 0) return nchw_by_size<scalar_t, VEC / 2, true>(l);
   }
-  return nchw_by_plane_length<scalar_t, VEC, false>(l);
+  return nchw_by_size<scalar_t, VEC, false>(l);
 }
 
 template <typename scalar_t, int VEC>
@@ -987,26 +1005,6 @@ cudaError_t channels_last_typed(const Launch& l) {
   return vectorized ? channels_last_launch<scalar_t, VEC>(l) : channels_last_launch<scalar_t, 1>(l);
 }
 
-template <typename scalar_t, int VEC, bool CL, bool STRADDLE>
-cudaError_t small_launch(const Launch& l) {
-  const int64_t blocks = cdiv(cdiv(l.numel, VEC), l.threads);
-  small_kernel<scalar_t, VEC, CL, STRADDLE><<<blocks, l.threads, 0, l.stream>>>(
-      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, uint32_t(l.numel),
-      uint32_t(l.plane), make_fast_div(uint32_t(l.plane)), uint32_t(l.channels), make_fast_div(uint32_t(l.channels)));
-  return cudaGetLastError();
-}
-
-// 16-byte vectors where x, y and the layout allow (channels_last: rows of whole vectors; NCHW: planes of at
-// least one vector), else single elements.
-template <typename scalar_t, bool CL>
-cudaError_t small_typed(const Launch& l) {
-  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
-  const bool vectorized = l.vectorized && aligned(l.x) && aligned(l.y) && (CL ? l.channels % VEC == 0 : l.plane >= VEC);
-  if (!vectorized) return small_launch<scalar_t, 1, CL, false>(l);
-  if (CL || l.plane % VEC == 0) return small_launch<scalar_t, VEC, CL, false>(l);
-  return small_launch<scalar_t, VEC, false, true>(l);
-}
-
 template <typename scalar_t>
 cudaError_t naive_typed(const Launch& l) {
   const int numel = int(l.numel);
@@ -1021,10 +1019,6 @@ struct StatsGrid {
   int vec;
   int64_t tx, ty, gx, parts, chunk;
 };
-
-int element_size(DType dtype) {
-  return dtype == DType::Double ? 8 : dtype == DType::Float ? 4 : 2;
-}
 
 int device_attribute(cudaDeviceAttr attribute) {
   int device = 0, value = 0;
@@ -1179,23 +1173,6 @@ cudaError_t channel_group_typed(const StatsLaunch& l) {
   return vectorized ? channel_group_launch<scalar_t, VEC>(l) : channel_group_launch<scalar_t, 1>(l);
 }
 
-// The small-tensor kernel for tensors of at most SMALL_BYTES (measured: experiments/NOTES.md, "Small tensors,
-// a kernel of their own"), or as the launch asks; its 32-bit indices need fewer than 2^31 elements.
-bool small(const Launch& l) {
-  if (l.small == 0 || l.numel >= (int64_t(1) << 31)) return false;
-  return l.small == 1 || (l.max_blocks == 0 && l.numel * element_size(l.dtype) <= SMALL_BYTES);
-}
-
-template <typename scalar_t>
-cudaError_t nchw_or_small(const Launch& l) {
-  return small(l) ? small_typed<scalar_t, false>(l) : nchw_typed<scalar_t>(l);
-}
-
-template <typename scalar_t>
-cudaError_t channels_last_or_small(const Launch& l) {
-  return small(l) ? small_typed<scalar_t, true>(l) : channels_last_typed<scalar_t>(l);
-}
-
 #define BN2D_DISPATCH(dtype, fn, l)                        \
   switch (dtype) {                                       \
     case DType::Float: return fn<float>(l);              \
@@ -1207,8 +1184,8 @@ cudaError_t channels_last_or_small(const Launch& l) {
 
 }  // namespace
 
-cudaError_t launch_nchw(const Launch& l) { BN2D_DISPATCH(l.dtype, nchw_or_small, l); }
-cudaError_t launch_channels_last(const Launch& l) { BN2D_DISPATCH(l.dtype, channels_last_or_small, l); }
+cudaError_t launch_nchw(const Launch& l) { BN2D_DISPATCH(l.dtype, nchw_typed, l); }
+cudaError_t launch_channels_last(const Launch& l) { BN2D_DISPATCH(l.dtype, channels_last_typed, l); }
 cudaError_t launch_naive(const Launch& l) { BN2D_DISPATCH(l.dtype, naive_typed, l); }
 int64_t stats_parts(const StatsLaunch& l) {
   return l.fused == Fused::Grid ? sm_count() : l.fused == Fused::Channel ? 0 : stats_grid(l).parts;
@@ -1259,7 +1236,7 @@ struct Launch {
   int threads;
   bool vectorized;
   int64_t max_blocks;  // 0: a block per tile, the tensor in one sweep
-  int small;  // the small-tensor kernel: -1 up to SMALL_BYTES (the rule), 0 never, 1 wherever it applies
+  int small;  // NCHW's small-tensor kernel: -1 by size (the rule), 0 never, 1 wherever it applies
   cudaStream_t stream;
 };
 
@@ -1622,5 +1599,5 @@ class ModelNew(nn.Module):
             mean = torch.empty(x.size(1), device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
             var = torch.empty_like(mean)
             _check(_module.batch_stats(x, mean, var, self.running_mean, self.running_var, self.momentum, False))
-        _check(_module.nchw(x, y, self.weight, self.bias, mean, var, self.eps, 256, True, 0))
+        _check(_module.nchw(x, y, self.weight, self.bias, mean, var, self.eps, 0, True, 0, -1))
         return y
