@@ -125,9 +125,9 @@ namespace {
 constexpr int VEC_BYTES = 16;
 constexpr int UNROLL = 4;
 // NCHW tensors of at most this many bytes take the small-tensor kernel (a vector per thread, nothing else);
-// where vectors straddle planes, at most the second (measured: experiments/NOTES.md, "Small tensors, a kernel
-// of their own").
-constexpr int64_t SMALL_BYTES = 16 << 20, SMALL_STRADDLE_BYTES = 2 << 20;
+// where vectors are narrower than 16 bytes or straddle planes, at most the second (measured:
+// experiments/NOTES.md, "Small tensors, a kernel of their own").
+constexpr int64_t SMALL_BYTES = 16 << 20, SMALL_NARROW_BYTES = 2 << 20;
 // The largest block a config may ask for; the kernels are compiled to fit it (at most 64 registers).
 constexpr int MAX_THREADS = 1024;
 // channels_last: at most a warp along a row (32 vectors = 512 contiguous bytes); the rest of a block takes
@@ -985,18 +985,20 @@ cudaError_t small_launch(const Launch& l) {
   return cudaGetLastError();
 }
 
-// The small-tensor kernel up to SMALL_BYTES, or SMALL_STRADDLE_BYTES where vectors straddle planes (two
-// channels' pairs per vector cost more than the tiled kernel's table beyond that), or as the launch asks; its
-// 32-bit indices need fewer than 2^31 elements, its straddling vectors planes of at least a vector.
-bool small(const Launch& l, bool straddle, int vec) {
-  if (l.small == 0 || l.numel >= (int64_t(1) << 31) || (straddle && l.plane < vec)) return false;
-  const int64_t limit = straddle ? SMALL_STRADDLE_BYTES : SMALL_BYTES;
+// The small-tensor kernel for tensors of at most `limit` bytes, or as the launch asks; its indices are 32-bit.
+bool small(const Launch& l, int64_t limit) {
+  if (l.small == 0 || l.numel >= (int64_t(1) << 31)) return false;
   return l.small == 1 || (l.max_blocks == 0 && l.numel * element_size(l.dtype) <= limit);
 }
 
 template <typename scalar_t, int VEC, bool WHOLE>
 cudaError_t nchw_by_size(const Launch& l) {
-  if (small(l, !WHOLE, VEC)) return small_launch<scalar_t, VEC, !WHOLE>(l);
+  // A 16-byte vector of one plane computes one channel's pair; a narrower one, or one that straddles two
+  // planes (which need to be at least a vector long), a pair per 8 bytes or fewer: above SMALL_NARROW_BYTES
+  // that costs more than the tiled kernel's table.
+  constexpr bool wide = WHOLE && VEC * sizeof(scalar_t) == VEC_BYTES;
+  if ((WHOLE || l.plane >= VEC) && small(l, wide ? SMALL_BYTES : SMALL_NARROW_BYTES))
+    return small_launch<scalar_t, VEC, !WHOLE>(l);
   const bool long_planes = l.plane >= int64_t(l.threads) * UNROLL * VEC;
   return long_planes ? nchw_launch<scalar_t, VEC, WHOLE, true>(l) : nchw_launch<scalar_t, VEC, WHOLE, false>(l);
 }

@@ -25,15 +25,18 @@ class TritonConfig(NamedTuple):
     num_warps: int = 0
 
 
-# Elements per program of the default tile: large enough that a program moves tens of kilobytes.
+# Elements per program of the default tile: large enough that a program moves tens of kilobytes. Tensors of
+# at most SMALL_ELEMENTS take a quarter of that, or their grids leave most SMs idle (1x128x28x28 in tiles of
+# 8192: 13 programs; experiments/NOTES.md, "Small tensors, a kernel of their own").
 TILE_ELEMENTS = 8192
+SMALL_ELEMENTS = 1 << 22
 MAX_BLOCK_L = 4096
 
 
-def default_config(rows: int, cols: int) -> TritonConfig:
-    """A tile of about TILE_ELEMENTS: as wide as a row allows, then as many rows as fill it."""
-    block_l = min(triton.next_power_of_2(max(cols, 1)), MAX_BLOCK_L)
-    block_r = min(max(TILE_ELEMENTS // block_l, 1), triton.next_power_of_2(max(rows, 1)))
+def default_config(rows: int, cols: int, tile: int = TILE_ELEMENTS) -> TritonConfig:
+    """A tile of about `tile` elements: as wide as a row allows, then as many rows as fill it."""
+    block_l = min(triton.next_power_of_2(max(cols, 1)), MAX_BLOCK_L, tile)
+    block_r = min(max(tile // block_l, 1), triton.next_power_of_2(max(rows, 1)))
     num_warps = 8 if block_r * block_l >= 8192 else 4
     return TritonConfig(block_r, block_l, num_warps)
 
@@ -96,8 +99,8 @@ def normalize_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
 # NCHW planes that are not a whole number of 16 elements (7x7: 49, 14x14: 196, 9x11: 99): the rows of such
 # planes start at odd alignments, so the tile kernel loses its wide accesses. The flat kernel reads the tensor
 # as one aligned array and gathers each element's scale and shift by its channel, (offset // PLANE) % C with
-# PLANE a compile-time constant, as torch.compile's generated kernel does; tiles of at most FLAT_BLOCK
-# elements keep the per-element gathers in registers. Measured faster than the tile kernel at every such
+# PLANE a compile-time constant, as torch.compile's generated kernel does; half a tile, at most FLAT_BLOCK
+# elements, keeps the per-element gathers in registers. Measured faster than the tile kernel at every such
 # plane in the sweep, small and large (experiments/NOTES.md).
 FLAT_BLOCK = 2048
 
@@ -129,13 +132,14 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
         rows, cols = n * h * w, c
     if x.numel() == 0:
         return
+    tile = TILE_ELEMENTS if x.numel() > SMALL_ELEMENTS else TILE_ELEMENTS // 4
     block_r, block_l, num_warps = (
         given or default
-        for given, default in zip(config, default_config(rows, cols))
+        for given, default in zip(config, default_config(rows, cols, tile))
     )
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     if layout == "nchw" and cols % 16:
-        block = min(block_r * block_l, FLAT_BLOCK)  # a config's tile, as a flat count
+        block = min(max(block_r * block_l // 2, 1), FLAT_BLOCK)  # half a config's tile, as a flat count
         normalize_flat_kernel[(triton.cdiv(x.numel(), block),)](
             x, y, weight, bias, mean, var, eps, x.numel(), c, PLANE=cols, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, ACC=acc, BLOCK=block, WIDE=x.numel() + block >= 2 ** 31,
