@@ -25,9 +25,10 @@ class TritonConfig(NamedTuple):
     num_warps: int = 0
 
 
-# Elements per program of the default tile: large enough that a program moves tens of kilobytes. Tensors of
-# at most SMALL_ELEMENTS take a quarter of that, or their grids leave most SMs idle (1x128x28x28 in tiles of
-# 8192: 13 programs; experiments/NOTES.md, "Small tensors, a kernel of their own").
+# Elements per program of the default tile: large enough that a program moves tens of kilobytes. NCHW tensors
+# of at most SMALL_ELEMENTS take a quarter of that, or their grids leave most SMs idle (1x128x28x28 in tiles
+# of 8192: 13 programs; experiments/NOTES.md, "Small tensors, a kernel of their own"). channels_last keeps
+# the large tile: its programs compute a pair per column, and a tile of fewer rows computes more per element.
 TILE_ELEMENTS = 8192
 SMALL_ELEMENTS = 1 << 22
 MAX_BLOCK_L = 4096
@@ -132,7 +133,7 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
         rows, cols = n * h * w, c
     if x.numel() == 0:
         return
-    tile = TILE_ELEMENTS if x.numel() > SMALL_ELEMENTS else TILE_ELEMENTS // 4
+    tile = TILE_ELEMENTS // 4 if layout == "nchw" and x.numel() <= SMALL_ELEMENTS else TILE_ELEMENTS
     block_r, block_l, num_warps = (
         given or default
         for given, default in zip(config, default_config(rows, cols, tile))
