@@ -1475,7 +1475,7 @@ class CudaConfig(NamedTuple):
     vectorized: bool = True  # 16-byte loads and stores where the pointers and sizes allow
     blocks_per_sm: int = 0  # 0: enough blocks to cover the tensor once; k: a grid-stride grid of k per SM
     fused: int = -1  # training: -1 one kernel reading x once where it pays, 0 never, 1 wherever one applies
-    small: int = -1  # NCHW eval: the small-tensor kernel, -1 by size, 0 never, 1 wherever it applies
+    small: int = -1  # NCHW normalisation: the small-tensor kernel, -1 by size, 0 never, 1 wherever it applies
 
 
 def arch_flags() -> list:
