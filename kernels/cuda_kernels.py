@@ -14,6 +14,8 @@ quickly; ``CPP_SOURCE`` holds the tensor-facing side (checks, dtype dispatch, th
 * ``channels_last_kernel`` -- NHWC (and NCHW with 1x1 planes, the same memory). A block owns a range of
   channels, computes their scale and shift once into shared memory, and its threads walk down the rows with
   their channels' pairs in registers.
+* ``small_channels_last_kernel`` -- channels_last tensors of a few megabytes: a thread per four rows of one
+  16-byte vector of channels, the channels' parameters loaded as vectors, no table, no barrier, no loop.
 * ``naive_kernel`` -- the study's starting point: one thread per element, 256 threads, a flat 32-bit
   index and ``(x - mean) / sqrt(var + eps)`` per element.
 
@@ -65,10 +67,10 @@ struct Launch {
   void* y;
   Params params;
   int64_t numel, channels, plane;  // plane = H * W
-  int threads;
+  int threads;  // per block; 0: the kernel's default
   bool vectorized;
   int64_t max_blocks;  // 0: a block per tile, the tensor in one sweep
-  int small;  // NCHW's small-tensor kernel: -1 by size (the rule), 0 never, 1 wherever it applies
+  int small;  // the small-tensor kernels: -1 by size (the rule), 0 never, 1 wherever they apply
   cudaStream_t stream;
 };
 
@@ -124,10 +126,14 @@ namespace {
 // Each vector access moves 16 bytes; every thread has UNROLL of them in flight before the first use.
 constexpr int VEC_BYTES = 16;
 constexpr int UNROLL = 4;
-// NCHW tensors of at most this many bytes take the small-tensor kernel (a vector per thread, nothing else);
-// where vectors are narrower than 16 bytes or straddle planes, at most the second (measured:
-// experiments/NOTES.md, "Small tensors, a kernel of their own").
+// Tensors of at most this many bytes take a small-tensor kernel (no table, no barrier, no loop); NCHW ones
+// whose vectors are narrower than 16 bytes or straddle planes, at most the second (measured:
+// experiments/NOTES.md, "Small tensors, a kernel of their own" and "channels_last small tensors").
 constexpr int64_t SMALL_BYTES = 16 << 20, SMALL_NARROW_BYTES = 2 << 20;
+// Threads per block where a launch leaves it to the kernel. channels_last's small-tensor kernel runs smaller
+// blocks, each thread four rows of a 16-byte vector (one row of single elements); measured in
+// experiments/NOTES.md, "channels_last small tensors".
+constexpr int DEFAULT_THREADS = 256, SMALL_CHANNELS_LAST_THREADS = 128, SMALL_CHANNELS_LAST_ROWS = 4;
 // The largest block a config may ask for; the kernels are compiled to fit it (at most 64 registers).
 constexpr int MAX_THREADS = 1024;
 // channels_last: at most a warp along a row (32 vectors = 512 contiguous bytes); the rest of a block takes
@@ -390,6 +396,57 @@ __global__ void __launch_bounds__(MAX_THREADS) small_kernel(const scalar_t* __re
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
       if (i + j < numel) y[i + j] = out.v[j];
+  }
+}
+
+// channels_last small tensors, the same shape: a thread owns VEC consecutive channels of ROWS consecutive
+// rows; it loads the rows, then its channels' parameters as vectors (four or eight loads, in flight with x's),
+// and computes VEC pairs for ROWS * VEC elements.
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void load_param_vector(const void* p, bool fp32, uint32_t c0, acc_t (&out)[VEC]) {
+  if (fp32) {
+    const auto v = *reinterpret_cast<const Vec<float, VEC>*>(static_cast<const float*>(p) + c0);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = acc_t(v.v[j]);
+  } else {
+    const auto v = *reinterpret_cast<const Vec<scalar_t, VEC>*>(static_cast<const scalar_t*>(p) + c0);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = acc_t(to_acc(v.v[j]));
+  }
+}
+
+template <typename scalar_t, int VEC, int ROWS>
+__global__ void __launch_bounds__(MAX_THREADS) small_channels_last_kernel(const scalar_t* __restrict__ x,
+                                                                         scalar_t* __restrict__ y, const Params p,
+                                                                         uint32_t rows, uint32_t vectors,
+                                                                         FastDiv vectors_div) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using vec_t = Vec<scalar_t, VEC>;
+  const uint32_t t = blockIdx.x * blockDim.x + threadIdx.x, g = vectors_div(t);
+  const uint32_t c0 = (t - g * vectors) * VEC, r0 = g * ROWS, channels = vectors * VEC;
+  if (r0 >= rows) return;
+  // Rows past the last are loaded as the last one (an L1 hit) and not stored: see channels_last_kernel.
+  vec_t in[ROWS];
+#pragma unroll
+  for (int k = 0; k < ROWS; ++k)
+    in[k] = *reinterpret_cast<const vec_t*>(x + min(r0 + k, rows - 1) * channels + c0);
+  acc_t weight[VEC], bias[VEC], mean[VEC], var[VEC];
+  load_param_vector<scalar_t>(p.weight, p.affine_fp32, c0, weight);
+  load_param_vector<scalar_t>(p.bias, p.affine_fp32, c0, bias);
+  load_param_vector<scalar_t>(p.mean, p.stats_fp32, c0, mean);
+  load_param_vector<scalar_t>(p.var, p.stats_fp32, c0, var);
+  Affine<acc_t> a[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    a[j] = affine_of(Affine<acc_t>{p.has_weight ? weight[j] : acc_t(1), p.has_bias ? bias[j] : acc_t(0)}, mean[j],
+                     var[j], p.eps);
+#pragma unroll
+  for (int k = 0; k < ROWS; ++k) {
+    if (r0 + k >= rows) break;
+    vec_t out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = apply(in[k].v[j], a[j]);
+    *reinterpret_cast<vec_t*>(y + (r0 + k) * channels + c0) = out;
   }
 }
 
@@ -944,6 +1001,8 @@ int64_t cap_blocks(int64_t blocks, int64_t max_blocks) {
   return max_blocks > 0 ? std::min(blocks, max_blocks) : blocks;
 }
 
+int threads_or(const Launch& l, int fallback) { return l.threads ? l.threads : fallback; }
+
 bool aligned(const void* p, size_t bytes = VEC_BYTES) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Threads along a row of `vectors` channel vectors: a power of two, at most a warp and at most `threads`.
@@ -964,14 +1023,15 @@ cudaError_t reserve_shared(Kernel kernel, size_t bytes) {
 template <typename scalar_t, int VEC, bool WHOLE, bool LONG>
 cudaError_t nchw_launch(const Launch& l) {
   using acc_t = typename Acc<scalar_t>::type;
-  const int64_t tile = int64_t(l.threads) * UNROLL * VEC;
+  const int threads = threads_or(l, DEFAULT_THREADS);
+  const int64_t tile = int64_t(threads) * UNROLL * VEC;
   const int64_t blocks = cap_blocks(std::min<int64_t>(cdiv(l.numel, tile), INT32_MAX), l.max_blocks);
   // A tile of short planes touches at most tile / plane + 2 of them; one more entry is read (not used) past a
   // padded tail. Long planes use no table.
   const size_t shared = LONG ? 0 : size_t(tile / l.plane + 3) * sizeof(Affine<acc_t>);
   const auto kernel = nchw_kernel<scalar_t, VEC, WHOLE, LONG>;
   if (const cudaError_t error = reserve_shared(kernel, shared); error != cudaSuccess) return error;
-  kernel<<<blocks, l.threads, shared, l.stream>>>(
+  kernel<<<blocks, threads, shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.numel, l.plane,
       make_fast_div(uint32_t(std::min<int64_t>(l.plane, INT32_MAX))), l.channels, make_fast_div(uint32_t(l.channels)));
   return cudaGetLastError();
@@ -979,7 +1039,8 @@ cudaError_t nchw_launch(const Launch& l) {
 
 template <typename scalar_t, int VEC, bool STRADDLE>
 cudaError_t small_launch(const Launch& l) {
-  small_kernel<scalar_t, VEC, STRADDLE><<<cdiv(cdiv(l.numel, VEC), l.threads), l.threads, 0, l.stream>>>(
+  const int threads = threads_or(l, DEFAULT_THREADS);
+  small_kernel<scalar_t, VEC, STRADDLE><<<cdiv(cdiv(l.numel, VEC), threads), threads, 0, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, uint32_t(l.numel),
       uint32_t(l.plane), make_fast_div(uint32_t(l.plane)), uint32_t(l.channels), make_fast_div(uint32_t(l.channels)));
   return cudaGetLastError();
@@ -999,7 +1060,7 @@ cudaError_t nchw_by_size(const Launch& l) {
   constexpr bool wide = WHOLE && VEC * sizeof(scalar_t) == VEC_BYTES;
   if ((WHOLE || l.plane >= VEC) && small(l, wide ? SMALL_BYTES : SMALL_NARROW_BYTES))
     return small_launch<scalar_t, VEC, !WHOLE>(l);
-  const bool long_planes = l.plane >= int64_t(l.threads) * UNROLL * VEC;
+  const bool long_planes = l.plane >= int64_t(threads_or(l, DEFAULT_THREADS)) * UNROLL * VEC;
   return long_planes ? nchw_launch<scalar_t, VEC, WHOLE, true>(l) : nchw_launch<scalar_t, VEC, WHOLE, false>(l);
 }
 
@@ -1023,8 +1084,9 @@ cudaError_t channels_last_launch(const Launch& l) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t rows = l.numel / l.channels;
   const int64_t vectors = cdiv(l.channels, VEC);
-  const int64_t tx = row_threads(vectors, l.threads);
-  const int64_t ty = std::max<int64_t>(l.threads / tx, 1);
+  const int threads = threads_or(l, DEFAULT_THREADS);
+  const int64_t tx = row_threads(vectors, threads);
+  const int64_t ty = std::max<int64_t>(threads / tx, 1);
   const int64_t gx = cdiv(vectors, tx);
   const int64_t gy = cap_blocks(std::min<int64_t>(cdiv(rows, ty * UNROLL), 65535), l.max_blocks > 0 ? cdiv(l.max_blocks, gx) : 0);
   const size_t shared = size_t(tx * VEC) * sizeof(Affine<acc_t>);
@@ -1033,11 +1095,36 @@ cudaError_t channels_last_launch(const Launch& l) {
   return cudaGetLastError();
 }
 
+template <typename scalar_t, int VEC>
+cudaError_t small_channels_last_launch(const Launch& l) {
+  constexpr int ROWS = VEC == 1 ? 1 : SMALL_CHANNELS_LAST_ROWS;
+  const int64_t vectors = l.channels / VEC, units = vectors * cdiv(l.numel / l.channels, ROWS);
+  const int threads = threads_or(l, SMALL_CHANNELS_LAST_THREADS);
+  small_channels_last_kernel<scalar_t, VEC, ROWS><<<cdiv(units, threads), threads, 0, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, uint32_t(l.numel / l.channels),
+      uint32_t(vectors), make_fast_div(uint32_t(vectors)));
+  return cudaGetLastError();
+}
+
+// Every parameter vector aligned for VEC-wide loads.
+template <typename scalar_t, int VEC>
+bool params_aligned(const Params& p) {
+  const size_t affine = VEC * (p.affine_fp32 ? sizeof(float) : sizeof(scalar_t));
+  const size_t stats = VEC * (p.stats_fp32 ? sizeof(float) : sizeof(scalar_t));
+  return aligned(p.weight, affine) && aligned(p.bias, affine) && aligned(p.mean, stats) && aligned(p.var, stats);
+}
+
+template <typename scalar_t, int VEC>
+cudaError_t channels_last_by_size(const Launch& l) {
+  if (params_aligned<scalar_t, VEC>(l.params) && small(l, SMALL_BYTES)) return small_channels_last_launch<scalar_t, VEC>(l);
+  return channels_last_launch<scalar_t, VEC>(l);
+}
+
 template <typename scalar_t>
 cudaError_t channels_last_typed(const Launch& l) {
   constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
   const bool vectorized = l.vectorized && aligned(l.x) && aligned(l.y) && l.channels % VEC == 0;
-  return vectorized ? channels_last_launch<scalar_t, VEC>(l) : channels_last_launch<scalar_t, 1>(l);
+  return vectorized ? channels_last_by_size<scalar_t, VEC>(l) : channels_last_by_size<scalar_t, 1>(l);
 }
 
 template <typename scalar_t>
@@ -1253,9 +1340,6 @@ CPP_SOURCE = COMMON + r"""
 
 namespace {
 
-// Threads per block of the eval kernels where the caller asks for the default (0).
-constexpr int64_t DEFAULT_THREADS = 256;
-
 // Errors are returned to Python, which raises them, instead of thrown: under PyTorch 2.11 a c10::Error
 // thrown through this module crashed the process (experiments/NOTES.md). An empty string means success.
 #define BN2D_REQUIRE(cond, msg) \
@@ -1332,7 +1416,7 @@ std::string run(cudaError_t (*launcher)(const bn2d::Launch&), const at::Tensor& 
   const bool stats_fp32 = mean.scalar_type() == at::kFloat;
   const bn2d::Launch launch{dtype_of(x), x.data_ptr(), y.data_ptr(),
                             params_of(weight, bias, mean, mean.data_ptr(), var.data_ptr(), stats_fp32, eps),
-                            x.numel(), x.size(1), x.size(2) * x.size(3), int(threads ? threads : DEFAULT_THREADS),
+                            x.numel(), x.size(1), x.size(2) * x.size(3), int(threads),
                             vectorized, max_blocks, int(small),
                             c10::cuda::getCurrentCUDAStream().stream()};
   return launch_error(launcher(launch));
@@ -1471,11 +1555,11 @@ FUNCTIONS = ["nchw", "channels_last", "naive", "eval_forward", "batch_stats", "f
 class CudaConfig(NamedTuple):
     """Launch parameters of the CUDA kernels (the naive kernel has fixed ones)."""
 
-    threads: int = 0  # threads per block, a multiple of 32; 0: the default (256)
+    threads: int = 0  # threads per block, a multiple of 32; 0: the kernel's default (256; 128 for small channels_last)
     vectorized: bool = True  # 16-byte loads and stores where the pointers and sizes allow
     blocks_per_sm: int = 0  # 0: enough blocks to cover the tensor once; k: a grid-stride grid of k per SM
     fused: int = -1  # training: -1 one kernel reading x once where it pays, 0 never, 1 wherever one applies
-    small: int = -1  # NCHW normalisation: the small-tensor kernel, -1 by size, 0 never, 1 wherever it applies
+    small: int = -1  # normalisation: the small-tensor kernels, -1 by size, 0 never, 1 wherever they apply
 
 
 def arch_flags() -> list:

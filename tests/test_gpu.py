@@ -29,7 +29,7 @@ def test_more_than_2_31_elements(backend, shape, fmt):
 
 
 # Shapes for the launch configs (small=0: the tiled kernels, which these sizes would not take by default;
-# small=1: the small-tensor kernel): 2-element planes (the largest shared-memory table; planes shorter than a
+# small=1: the small-tensor kernels): 2-element planes (the largest shared-memory table; planes shorter than a
 # vector), 7x7 planes (vectors straddle planes), planes longer than the largest tile (a tile spans two planes),
 # a tail that is not a whole vector, and enough elements for a small grid to loop over several tiles.
 CONFIG_SHAPES = [(3, 40, 1, 2), (4, 24, 7, 7), (2, 3, 130, 300), (3, 5, 7, 9), (16, 64, 28, 28)]
@@ -54,6 +54,19 @@ def test_cuda_configs(shape, fmt, config, dtype, offset):
     out = buffer(dense).fill_(float("nan"))
     params = make_params(shape[1])
     batch_norm(x, *params, backend="cuda", config=config, out=out)
+    assert relative_error(out, batch_norm_reference(x, *params)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_misaligned_parameters(backend, fmt, dtype):
+    """Per-channel tensors one element off their vector alignment (views into longer vectors): a kernel that
+    loads them as vectors must leave them to one that does not."""
+    x = torch.randn(4, 64, 7, 8, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    params = [torch.cat([t.new_ones(1), t])[1:] for t in make_params(64, dtype)]
+    out = output_like(x).fill_(float("nan"))
+    batch_norm(x, *params, backend=backend, out=out)
     assert relative_error(out, batch_norm_reference(x, *params)) <= TOLERANCE[dtype]
 
 
