@@ -399,9 +399,7 @@ __global__ void __launch_bounds__(MAX_THREADS) small_kernel(const scalar_t* __re
   }
 }
 
-// channels_last small tensors, the same shape: a thread owns VEC consecutive channels of ROWS consecutive
-// rows; it loads the rows, then its channels' parameters as vectors (four or eight loads, in flight with x's),
-// and computes VEC pairs for ROWS * VEC elements.
+// One parameter (float32 or the input's dtype) of VEC consecutive channels from c0, in one vector load.
 template <typename scalar_t, typename acc_t, int VEC>
 __device__ __forceinline__ void load_param_vector(const void* p, bool fp32, uint32_t c0, acc_t (&out)[VEC]) {
   if (fp32) {
@@ -415,6 +413,9 @@ __device__ __forceinline__ void load_param_vector(const void* p, bool fp32, uint
   }
 }
 
+// channels_last small tensors, the same shape: a thread owns VEC consecutive channels of ROWS consecutive
+// rows; it loads the rows, then its channels' parameters as vectors (four or eight loads, in flight with x's),
+// and computes VEC pairs for ROWS * VEC elements. The launcher checks the parameters' alignment.
 template <typename scalar_t, int VEC, int ROWS>
 __global__ void __launch_bounds__(MAX_THREADS) small_channels_last_kernel(const scalar_t* __restrict__ x,
                                                                          scalar_t* __restrict__ y, const Params p,
@@ -1116,8 +1117,8 @@ bool params_aligned(const Params& p) {
 
 template <typename scalar_t, int VEC>
 cudaError_t channels_last_by_size(const Launch& l) {
-  if (params_aligned<scalar_t, VEC>(l.params) && small(l, SMALL_BYTES)) return small_channels_last_launch<scalar_t, VEC>(l);
-  return channels_last_launch<scalar_t, VEC>(l);
+  const bool small_tensor = params_aligned<scalar_t, VEC>(l.params) && small(l, SMALL_BYTES);
+  return small_tensor ? small_channels_last_launch<scalar_t, VEC>(l) : channels_last_launch<scalar_t, VEC>(l);
 }
 
 template <typename scalar_t>
@@ -1555,7 +1556,7 @@ FUNCTIONS = ["nchw", "channels_last", "naive", "eval_forward", "batch_stats", "f
 class CudaConfig(NamedTuple):
     """Launch parameters of the CUDA kernels (the naive kernel has fixed ones)."""
 
-    threads: int = 0  # threads per block, a multiple of 32; 0: the kernel's default (256; 128 for small channels_last)
+    threads: int = 0  # threads per block, a multiple of 32; 0: the kernel's (256; small channels_last: 128)
     vectorized: bool = True  # 16-byte loads and stores where the pointers and sizes allow
     blocks_per_sm: int = 0  # 0: enough blocks to cover the tensor once; k: a grid-stride grid of k per SM
     fused: int = -1  # training: -1 one kernel reading x once where it pays, 0 never, 1 wherever one applies

@@ -364,9 +364,7 @@ __global__ void __launch_bounds__(MAX_THREADS) small_kernel(const scalar_t* __re
   }
 }
 
-// channels_last small tensors, the same shape: a thread owns VEC consecutive channels of ROWS consecutive
-// rows; it loads the rows, then its channels' parameters as vectors (four or eight loads, in flight with x's),
-// and computes VEC pairs for ROWS * VEC elements.
+// One parameter (float32 or the input's dtype) of VEC consecutive channels from c0, in one vector load.
 template <typename scalar_t, typename acc_t, int VEC>
 __device__ __forceinline__ void load_param_vector(const void* p, bool fp32, uint32_t c0, acc_t (&out)[VEC]) {
   if (fp32) {
@@ -380,6 +378,9 @@ __device__ __forceinline__ void load_param_vector(const void* p, bool fp32, uint
   }
 }
 
+// channels_last small tensors, the same shape: a thread owns VEC consecutive channels of ROWS consecutive
+// rows; it loads the rows, then its channels' parameters as vectors (four or eight loads, in flight with x's),
+// and computes VEC pairs for ROWS * VEC elements. The launcher checks the parameters' alignment.
 template <typename scalar_t, int VEC, int ROWS>
 __global__ void __launch_bounds__(MAX_THREADS) small_channels_last_kernel(const scalar_t* __restrict__ x,
                                                                          scalar_t* __restrict__ y, const Params p,
@@ -1081,8 +1082,8 @@ bool params_aligned(const Params& p) {
 
 template <typename scalar_t, int VEC>
 cudaError_t channels_last_by_size(const Launch& l) {
-  if (params_aligned<scalar_t, VEC>(l.params) && small(l, SMALL_BYTES)) return small_channels_last_launch<scalar_t, VEC>(l);
-  return channels_last_launch<scalar_t, VEC>(l);
+  const bool small_tensor = params_aligned<scalar_t, VEC>(l.params) && small(l, SMALL_BYTES);
+  return small_tensor ? small_channels_last_launch<scalar_t, VEC>(l) : channels_last_launch<scalar_t, VEC>(l);
 }
 
 template <typename scalar_t>
