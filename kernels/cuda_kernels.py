@@ -159,13 +159,18 @@ __device__ __forceinline__ acc_t load_param(const void* p, bool fp32, int64_t c)
 
 template <typename acc_t> struct Affine { acc_t scale, shift; };
 
-// A channel's weight and bias (1 and 0 where the module has none) as {scale, shift}: loaded apart from the
-// statistics, so that a kernel can issue the loads before the statistics it waits for.
+// A channel's loaded weight and bias as {scale, shift}, 1 and 0 where the module has none.
+template <typename acc_t>
+__device__ __forceinline__ Affine<acc_t> weight_bias_of(const Params& p, acc_t weight, acc_t bias) {
+  return {p.has_weight ? weight : acc_t(1), p.has_bias ? bias : acc_t(0)};
+}
+
+// A channel's weight and bias as {scale, shift}: loaded apart from the statistics, so that a kernel can issue
+// the loads before the statistics it waits for.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ Affine<acc_t> weight_bias(const Params& p, int64_t c) {
-  const acc_t weight = load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, c);
-  const acc_t bias = load_param<scalar_t, acc_t>(p.bias, p.affine_fp32, c);
-  return {p.has_weight ? weight : acc_t(1), p.has_bias ? bias : acc_t(0)};
+  return weight_bias_of(p, load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, c),
+                        load_param<scalar_t, acc_t>(p.bias, p.affine_fp32, c));
 }
 
 // y = x * scale + shift with scale = weight / sqrt(var + eps) and shift = bias - mean * scale.
@@ -439,8 +444,7 @@ __global__ void __launch_bounds__(MAX_THREADS) small_channels_last_kernel(const 
   Affine<acc_t> a[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j)
-    a[j] = affine_of(Affine<acc_t>{p.has_weight ? weight[j] : acc_t(1), p.has_bias ? bias[j] : acc_t(0)}, mean[j],
-                     var[j], p.eps);
+    a[j] = affine_of(weight_bias_of(p, weight[j], bias[j]), mean[j], var[j], p.eps);
 #pragma unroll
   for (int k = 0; k < ROWS; ++k) {
     if (r0 + k >= rows) break;
@@ -1047,7 +1051,7 @@ cudaError_t small_launch(const Launch& l) {
   return cudaGetLastError();
 }
 
-// The small-tensor kernel for tensors of at most `limit` bytes, or as the launch asks; its indices are 32-bit.
+// A small-tensor kernel for tensors of at most `limit` bytes, or as the launch asks; their indices are 32-bit.
 bool small(const Launch& l, int64_t limit) {
   if (l.small == 0 || l.numel >= (int64_t(1) << 31)) return false;
   return l.small == 1 || (l.max_blocks == 0 && l.numel * element_size(l.dtype) <= limit);
