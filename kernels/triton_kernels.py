@@ -6,9 +6,9 @@ Both layouts are a row-major matrix of R rows by L columns, and one kernel serve
 * contiguous NCHW: rows are the N*C planes, L = H*W, and the channel of row r is r % C;
 * channels_last:   rows are the N*H*W pixels, L = C, and the channel of column l is l.
 
-A program normalises one [BLOCK_R, BLOCK_L] tile. Small planes put many rows in one tile, so no program
-idles on a tiny plane; scale and shift are computed once per row (or column) of the tile. NCHW planes that
-are not a whole number of 16 elements (7x7, 14x14, odd sizes) go to a flat kernel instead (below).
+A program of the tile kernel normalises one [BLOCK_R, BLOCK_L] tile. Small planes put many rows in one tile,
+so no program idles on a tiny plane; scale and shift are computed once per row (or column) of the tile. Most
+tensors take a flat kernel instead (below, with the rule, `flat`): the tile kernel is kept for large 16-bit ones.
 """
 from typing import NamedTuple
 
@@ -18,7 +18,8 @@ import triton.language as tl
 
 
 class TritonConfig(NamedTuple):
-    """Tile shape and warps of the Triton kernel; 0 fields take the heuristic default."""
+    """Tile shape and warps of the Triton kernels; 0 fields take the heuristic default. The flat kernel takes
+    block_r * block_l elements per program."""
 
     block_r: int = 0  # rows per program (a power of two)
     block_l: int = 0  # columns per program (a power of two)
@@ -97,13 +98,24 @@ def normalize_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
     tl.store(y_ptr + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# NCHW planes that are not a whole number of 16 elements (7x7: 49, 14x14: 196, 9x11: 99): the rows of such
-# planes start at odd alignments, so the tile kernel loses its wide accesses. The flat kernel reads the tensor
-# as one aligned array and gathers each element's scale and shift by its channel, (offset // PLANE) % C with
-# PLANE a compile-time constant, as torch.compile's generated kernel does; half a tile, at most FLAT_BLOCK
-# elements, keeps the per-element gathers in registers. Measured faster than the tile kernel at every such
-# plane in the sweep, small and large (experiments/NOTES.md).
-FLAT_BLOCK = 2048
+# The flat kernel reads the tensor as one aligned array and gathers each element's scale and shift by its
+# channel, (offset // PLANE) % C with PLANE a compile-time constant (H*W for NCHW, 1 for channels_last), as
+# torch.compile's generated kernel does. A program is FLAT_WARPS warps over FLAT_BLOCK elements: one 16-byte
+# vector of float32 per thread, and twice the elements (a 16-byte vector of theirs) for 16-bit tensors over
+# FLAT_ELEMENTS, where the flat kernel serves only NCHW planes the tile kernel cannot read whole.
+FLAT_BLOCK = 512
+FLAT_WARPS = 4
+FLAT_ELEMENTS = 1 << 19
+
+
+def flat(x, layout: str) -> bool:
+    """Whether `normalize` takes the flat kernel; else the tile kernel. Measured on every eval point of the full
+    sweep (experiments/NOTES.md, "Triton: the flat kernel almost everywhere"): the tile kernel is faster only on
+    16-bit tensors over FLAT_ELEMENTS, where its scale and shift per row or column spare the flat kernel's four
+    gathered parameters per element -- unless NCHW planes are not a whole number of 16 elements: such rows
+    start at odd alignments, and the tile kernel loses its wide accesses."""
+    odd_planes = layout == "nchw" and x.shape[2] * x.shape[3] % 16 != 0
+    return x.element_size() > 2 or x.numel() <= FLAT_ELEMENTS or odd_planes
 
 
 @triton.jit
@@ -127,25 +139,27 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
     """y = x * scale[c] + shift[c] for `layout` in ("nchw", "channels_last"); x and y share strides.
     `config` holds a TritonConfig's fields in order (0: the default)."""
     n, c, h, w = x.shape
+    if x.numel() == 0:
+        return
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    if flat(x, layout):
+        block_r, block_l, num_warps = config
+        wide = x.element_size() == 2 and x.numel() > FLAT_ELEMENTS
+        block = max(block_r, 1) * block_l or FLAT_BLOCK * (2 if wide else 1)
+        normalize_flat_kernel[(triton.cdiv(x.numel(), block),)](
+            x, y, weight, bias, mean, var, eps, x.numel(), c, PLANE=h * w if layout == "nchw" else 1,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=acc, BLOCK=block,
+            WIDE=x.numel() + block >= 2 ** 31, num_warps=num_warps or FLAT_WARPS)
+        return
     if layout == "nchw":
         rows, cols = n * c, h * w
     else:
         rows, cols = n * h * w, c
-    if x.numel() == 0:
-        return
     tile = TILE_ELEMENTS // 4 if layout == "nchw" and x.numel() <= SMALL_ELEMENTS else TILE_ELEMENTS
     block_r, block_l, num_warps = (
         given or default
         for given, default in zip(config, default_config(rows, cols, tile))
     )
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    if layout == "nchw" and cols % 16:
-        block = min(max(block_r * block_l // 2, 1), FLAT_BLOCK)  # half a config's tile, as a flat count
-        normalize_flat_kernel[(triton.cdiv(x.numel(), block),)](
-            x, y, weight, bias, mean, var, eps, x.numel(), c, PLANE=cols, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, ACC=acc, BLOCK=block, WIDE=x.numel() + block >= 2 ** 31,
-            num_warps=num_warps)
-        return
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_l),)
     normalize_kernel[grid](
         x, y, weight, bias, mean, var, eps, rows, cols, c,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import BACKENDS, DEVICE, SHAPES, TOLERANCE, make_layout, make_params
 
-from kernels import batch_norm, output_like
+from kernels import batch_norm, output_like, triton_kernels
 from kernels.reference import batch_norm_reference, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -62,6 +62,20 @@ def test_triton_configs(layout, block):
     params = make_params(6)
     y = batch_norm(x, *params, backend="triton", config=dict(zip(("block_r", "block_l", "num_warps"), block)))
     assert relative_error(y, batch_norm_reference(x, *params)) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 96, 96), (4, 16, 99, 99)], ids=["96x96", "99x99"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_large_16bit(layout, shape):
+    """Past FLAT_ELEMENTS, 16-bit tensors take the tile kernel, and NCHW planes that are not a whole number of
+    16 elements the flat kernel with 16-byte vectors of eight."""
+    x = make_layout(torch.randn(shape, device=DEVICE).half(), layout)
+    assert x.numel() > triton_kernels.FLAT_ELEMENTS
+    assert triton_kernels.flat(x, layout) == (layout == "nchw" and shape[2] == 99)
+    params = make_params(shape[1])
+    out = output_like(x, "triton").fill_(float("nan"))
+    batch_norm(x, *params, backend="triton", out=out)
+    assert relative_error(out, batch_norm_reference(x, *params)) <= TOLERANCE[torch.float16]
 
 
 def test_bad_config():
