@@ -340,33 +340,36 @@ __global__ void __launch_bounds__(MAX_THREADS) small_kernel(const scalar_t* __re
   using vec_t = Vec<scalar_t, VEC>;
   const uint32_t i = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
   if (i >= numel) return;
-  const bool whole = i + VEC <= numel;
-  vec_t in, out;
-  if (whole) {
-    in = *reinterpret_cast<const vec_t*>(x + i);
-  } else {
+  const auto normalized = [=](const vec_t in) {
+    const uint32_t q = plane_div(i), c = q - channel_div(q) * channels;
+    const Affine<acc_t> a = channel_affine<scalar_t, acc_t>(p, c);
+    vec_t out;
+    if constexpr (STRADDLE) {
+      const Affine<acc_t> b = channel_affine<scalar_t, acc_t>(p, c + 1 == channels ? 0 : c + 1);
+      const uint32_t pos = i - q * plane;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      if (i + j < numel) in.v[j] = x[i + j];
+      for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], pos + j < plane ? a : b);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], a);
+    }
+    return out;
+  };
+  // A whole vector goes from load to store on a path of its own. Had it joined the partial last vector's path
+  // (planes a whole number of vectors have none), the compiler would unpack 16-bit elements at the join,
+  // waiting there for x's load before issuing the parameters': two trips to memory instead of one.
+  if (!STRADDLE || i + VEC <= numel) {
+    const vec_t in = *reinterpret_cast<const vec_t*>(x + i);
+    *reinterpret_cast<vec_t*>(y + i) = normalized(in);
+    return;
   }
-  const uint32_t q = plane_div(i), c = q - channel_div(q) * channels;
-  const Affine<acc_t> a = channel_affine<scalar_t, acc_t>(p, c);
-  if constexpr (STRADDLE) {
-    const Affine<acc_t> b = channel_affine<scalar_t, acc_t>(p, c + 1 == channels ? 0 : c + 1);
-    const uint32_t pos = i - q * plane;
+  vec_t in;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], pos + j < plane ? a : b);
-  } else {
+  for (int j = 0; j < VEC; ++j) in.v[j] = x[min(i + j, numel - 1)];
+  const vec_t out = normalized(in);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], a);
-  }
-  if (whole) {
-    *reinterpret_cast<vec_t*>(y + i) = out;
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      if (i + j < numel) y[i + j] = out.v[j];
-  }
+  for (int j = 0; j < VEC; ++j)
+    if (i + j < numel) y[i + j] = out.v[j];
 }
 
 // One parameter (float32 or the input's dtype) of VEC consecutive channels from c0, in one vector load.
