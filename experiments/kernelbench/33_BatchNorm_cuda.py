@@ -124,18 +124,13 @@ __device__ __forceinline__ acc_t load_param(const void* p, bool fp32, int64_t c)
 
 template <typename acc_t> struct Affine { acc_t scale, shift; };
 
-// A channel's loaded weight and bias as {scale, shift}, 1 and 0 where the module has none.
-template <typename acc_t>
-__device__ __forceinline__ Affine<acc_t> weight_bias_of(const Params& p, acc_t weight, acc_t bias) {
-  return {p.has_weight ? weight : acc_t(1), p.has_bias ? bias : acc_t(0)};
-}
-
-// A channel's weight and bias as {scale, shift}: loaded apart from the statistics, so that a kernel can issue
-// the loads before the statistics it waits for.
+// A channel's weight and bias (1 and 0 where the module has none) as {scale, shift}: loaded apart from the
+// statistics, so that a kernel can issue the loads before the statistics it waits for.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ Affine<acc_t> weight_bias(const Params& p, int64_t c) {
-  return weight_bias_of(p, load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, c),
-                        load_param<scalar_t, acc_t>(p.bias, p.affine_fp32, c));
+  const acc_t weight = load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, c);
+  const acc_t bias = load_param<scalar_t, acc_t>(p.bias, p.affine_fp32, c);
+  return {p.has_weight ? weight : acc_t(1), p.has_bias ? bias : acc_t(0)};
 }
 
 // y = x * scale + shift with scale = weight / sqrt(var + eps) and shift = bias - mean * scale.
@@ -355,21 +350,23 @@ __global__ void __launch_bounds__(MAX_THREADS) small_kernel(const scalar_t* __re
     }
     return out;
   };
-  // A whole vector goes from load to store on a path of its own. Had it joined the partial last vector's path
-  // (planes a whole number of vectors have none), the compiler would unpack 16-bit elements at the join,
-  // waiting there for x's load before issuing the parameters': two trips to memory instead of one.
-  if (!STRADDLE || i + VEC <= numel) {
-    const vec_t in = *reinterpret_cast<const vec_t*>(x + i);
-    *reinterpret_cast<vec_t*>(y + i) = normalized(in);
-    return;
+  // The partial last vector (straddling walks only: planes a whole number of vectors have none) and whole
+  // vectors go from load to store on paths of their own. Had they joined, the compiler would unpack 16-bit
+  // elements at the join, waiting there for x's load before issuing the parameters': two trips to memory.
+  if constexpr (STRADDLE) {
+    if (i + VEC > numel) {
+      vec_t in;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) in.v[j] = x[min(i + j, numel - 1)];
+      const vec_t out = normalized(in);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        if (i + j < numel) y[i + j] = out.v[j];
+      return;
+    }
   }
-  vec_t in;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) in.v[j] = x[min(i + j, numel - 1)];
-  const vec_t out = normalized(in);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j)
-    if (i + j < numel) y[i + j] = out.v[j];
+  const vec_t in = *reinterpret_cast<const vec_t*>(x + i);
+  *reinterpret_cast<vec_t*>(y + i) = normalized(in);
 }
 
 // One parameter (float32 or the input's dtype) of VEC consecutive channels from c0, in one vector load.
@@ -409,10 +406,14 @@ __global__ void __launch_bounds__(MAX_THREADS) small_channels_last_kernel(const 
   load_param_vector<scalar_t>(p.bias, p.affine_fp32, c0, bias);
   load_param_vector<scalar_t>(p.mean, p.stats_fp32, c0, mean);
   load_param_vector<scalar_t>(p.var, p.stats_fp32, c0, var);
+  // weight_bias's fallback, written out: through a helper taking the loaded values, the compiler put the first
+  // MUFU.RSQ, which waits for var, ahead of the weight vector's load -- a second trip to memory, 1.07x the time
+  // (experiments/NOTES.md, "A refactor that cost the channels_last small kernel 7%").
   Affine<acc_t> a[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j)
-    a[j] = affine_of(weight_bias_of(p, weight[j], bias[j]), mean[j], var[j], p.eps);
+    a[j] = affine_of(Affine<acc_t>{p.has_weight ? weight[j] : acc_t(1), p.has_bias ? bias[j] : acc_t(0)}, mean[j],
+                     var[j], p.eps);
 #pragma unroll
   for (int k = 0; k < ROWS; ++k) {
     if (r0 + k >= rows) break;
