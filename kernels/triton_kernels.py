@@ -1,7 +1,8 @@
-"""The Triton backend: the same operations as the CUDA module. Normalisation is one kernel, and training's
-batch statistics two (a statistics kernel and its finalize, below `normalize`).
+"""The Triton backend: the same operations as the CUDA module. Normalisation is a tile kernel or a flat one
+(the rule: `flat`), and training's batch statistics two (a statistics kernel and its finalize, below
+`normalize`).
 
-Both layouts are a row-major matrix of R rows by L columns, and one kernel serves both:
+For the tile kernel both layouts are a row-major matrix of R rows by L columns:
 
 * contiguous NCHW: rows are the N*C planes, L = H*W, and the channel of row r is r % C;
 * channels_last:   rows are the N*H*W pixels, L = C, and the channel of column l is l.
@@ -27,8 +28,8 @@ class TritonConfig(NamedTuple):
 
 
 # Elements per program of the default tile: large enough that a program moves tens of kilobytes. NCHW tensors
-# of at most SMALL_ELEMENTS take a quarter of that, or their grids leave most SMs idle (1x128x28x28 in tiles
-# of 8192: 13 programs; experiments/NOTES.md, "Small tensors, a kernel of their own"). channels_last keeps
+# of at most SMALL_ELEMENTS take a quarter of that, or their grids leave most SMs idle (1x64x112x112 in tiles
+# of 8192: 98 programs; experiments/NOTES.md, "Small tensors, a kernel of their own"). channels_last keeps
 # the large tile: its programs compute a pair per column, and a tile of fewer rows computes more per element.
 TILE_ELEMENTS = 8192
 SMALL_ELEMENTS = 1 << 22
@@ -144,8 +145,8 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     if flat(x, layout):
         block_r, block_l, num_warps = config
-        wide = x.element_size() == 2 and x.numel() > FLAT_ELEMENTS
-        block = max(block_r, 1) * block_l or FLAT_BLOCK * (2 if wide else 1)
+        large_16bit = x.element_size() == 2 and x.numel() > FLAT_ELEMENTS
+        block = max(block_r, 1) * block_l or FLAT_BLOCK * (2 if large_16bit else 1)
         normalize_flat_kernel[(triton.cdiv(x.numel(), block),)](
             x, y, weight, bias, mean, var, eps, x.numel(), c, PLANE=h * w if layout == "nchw" else 1,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=acc, BLOCK=block,
