@@ -85,15 +85,25 @@ def kernels(source: str, arch: str = "90") -> dict:
     return {s: Kernel(code[m], *resources[m]) for s, m in zip(short, mangled)}
 
 
+def split(instruction: str):
+    """(opcode with its modifiers, operands) of a SASS instruction, its predicate dropped."""
+    op, _, operands = re.sub(r"^@!?U?P\w+\s+", "", instruction).partition(" ")
+    return op, operands.split(", ")
+
+
+def is_load(op: str) -> bool:
+    """A global load into registers (LDG.E.128, not cp.async's LDGSTS)."""
+    return op.split(".")[0] == "LDG"
+
+
 def late_loads(instructions: List[str]) -> int:
     """Global loads issued after the first instruction that reads an earlier load's result. In a kernel that
     goes once from its loads to its stores each of them is one more trip to memory (a loop's later loads are
     counted too: there they are the next iteration's)."""
     loaded, waited, late = set(), False, 0
     for instruction in instructions:
-        op, _, operands = re.sub(r"^@!?U?P\w+\s+", "", instruction).partition(" ")  # predicate off
-        parts = operands.split(", ")
-        if op.startswith("LDG"):
+        op, parts = split(instruction)
+        if is_load(op):
             late += waited
             first = int(re.match(r"R(\d+)", parts[0]).group(1))
             loaded.update(range(first, first + (4 if ".128" in op else 2 if ".64" in op else 1)))
@@ -116,8 +126,8 @@ def main(argv=None):
     for name, k in new.items():
         if args.kernels not in name:
             continue
-        loads = [i for i in k.instructions if " LDG" in f" {i}"]
-        wide = [i for i in loads if ".128" in i]
+        loads = [op for op, _ in map(split, k.instructions) if is_load(op)]
+        wide = [op for op in loads if ".128" in op]
         versus = "" if not args.base else "  new" if name not in old else (
             "  same" if old[name].instructions == k.instructions else "  differs")
         print(f"{name:64s} {len(k.instructions):6d} {len(loads):4d} {len(wide):7d} {late_loads(k.instructions):8d} "
