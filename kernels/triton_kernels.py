@@ -140,23 +140,24 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
     """y = x * scale[c] + shift[c] for `layout` in ("nchw", "channels_last"); x and y share strides.
     `config` holds a TritonConfig's fields in order (0: the default)."""
     n, c, h, w = x.shape
-    if x.numel() == 0:
+    numel = x.numel()
+    if numel == 0:
         return
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     if flat(x, layout):
         block_r, block_l, num_warps = config
-        large_16bit = x.element_size() == 2 and x.numel() > FLAT_ELEMENTS
+        large_16bit = x.element_size() == 2 and numel > FLAT_ELEMENTS
         block = max(block_r, 1) * block_l or FLAT_BLOCK * (2 if large_16bit else 1)
-        normalize_flat_kernel[(triton.cdiv(x.numel(), block),)](
-            x, y, weight, bias, mean, var, eps, x.numel(), c, PLANE=h * w if layout == "nchw" else 1,
+        normalize_flat_kernel[(triton.cdiv(numel, block),)](
+            x, y, weight, bias, mean, var, eps, numel, c, PLANE=h * w if layout == "nchw" else 1,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=acc, BLOCK=block,
-            WIDE=x.numel() + block >= 2 ** 31, num_warps=num_warps or FLAT_WARPS)
+            WIDE=numel + block >= 2 ** 31, num_warps=num_warps or FLAT_WARPS)
         return
     if layout == "nchw":
         rows, cols = n * c, h * w
     else:
         rows, cols = n * h * w, c
-    tile = TILE_ELEMENTS // 4 if layout == "nchw" and x.numel() <= SMALL_ELEMENTS else TILE_ELEMENTS
+    tile = TILE_ELEMENTS // 4 if layout == "nchw" and numel <= SMALL_ELEMENTS else TILE_ELEMENTS
     block_r, block_l, num_warps = (
         given or default
         for given, default in zip(config, default_config(rows, cols, tile))
