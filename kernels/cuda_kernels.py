@@ -126,9 +126,9 @@ namespace {
 // Each vector access moves 16 bytes; every thread has UNROLL of them in flight before the first use.
 constexpr int VEC_BYTES = 16;
 constexpr int UNROLL = 4;
-// Tensors of at most this many bytes take a small-tensor kernel (no table, no barrier, no loop); NCHW ones
-// whose vectors are narrower than 16 bytes or straddle planes, at most the second (measured:
-// experiments/NOTES.md, "Small tensors, a kernel of their own" and "channels_last small tensors").
+// Tensors of at most this many bytes take a small-tensor kernel (no table, no barrier, no loop); NCHW ones of
+// single elements or of 16-bit vectors that straddle planes, at most the second (measured: experiments/NOTES.md,
+// "Small tensors, a kernel of their own", "channels_last small tensors" and "Tensors of 4-32 MB").
 constexpr int64_t SMALL_BYTES = 16 << 20, SMALL_NARROW_BYTES = 2 << 20;
 // Threads per block where a launch leaves it to the kernel. channels_last's small-tensor kernel runs smaller
 // blocks, each thread four rows of a 16-byte vector (one row of single elements); measured in
@@ -1063,11 +1063,11 @@ bool small(const Launch& l, int64_t limit) {
 
 template <typename scalar_t, int VEC, bool WHOLE>
 cudaError_t nchw_by_size(const Launch& l) {
-  // A 16-byte vector of one plane computes one channel's pair; a narrower one, or one that straddles two
-  // planes (which need to be at least a vector long), a pair per 8 bytes or fewer: above SMALL_NARROW_BYTES
-  // that costs more than the tiled kernel's table.
-  constexpr bool wide = WHOLE && VEC * sizeof(scalar_t) == VEC_BYTES;
-  if ((WHOLE || l.plane >= VEC) && small(l, wide ? SMALL_BYTES : SMALL_NARROW_BYTES))
+  // The small kernel computes a pair per vector, two where a vector straddles planes (which need to be at
+  // least a vector long). Single elements, and 16-bit vectors that straddle (two pairs for eight elements),
+  // cost more than the tiled kernel's table above SMALL_NARROW_BYTES; the rest, above SMALL_BYTES.
+  constexpr bool narrow = VEC == 1 || (!WHOLE && sizeof(scalar_t) == 2);
+  if ((WHOLE || l.plane >= VEC) && small(l, narrow ? SMALL_NARROW_BYTES : SMALL_BYTES))
     return small_launch<scalar_t, VEC, !WHOLE>(l);
   const bool long_planes = l.plane >= int64_t(threads_or(l, DEFAULT_THREADS)) * UNROLL * VEC;
   return long_planes ? nchw_launch<scalar_t, VEC, WHOLE, true>(l) : nchw_launch<scalar_t, VEC, WHOLE, false>(l);
