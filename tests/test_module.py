@@ -102,6 +102,36 @@ def test_convert_swaps_every_batchnorm_and_shares_state():
     assert convert(single, "triton") is single and single.backend == "triton"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_parametrized_and_functional_call_tensors_are_used(backend, training):
+    """forward reads parameters and buffers from their dicts (the fast path) or, where a parametrization made
+    one a property, as attributes; torch.func.functional_call swaps the dicts' entries."""
+    ref, ours = pair(backend)
+    x = torch.randn(4, 6, 5, 7, device=DEVICE)
+    for m in (ref, ours):
+        m.train(training)
+        nn.utils.parametrize.register_parametrization(m, "weight", Double())
+    assert relative_error(ours(x), ref(x).double()) <= 1e-6
+    assert_same_state(ref, ours)
+    swapped = {"bias": torch.randn(6, device=DEVICE), "running_var": torch.rand(6, device=DEVICE) + 0.5}
+    mine = {name: t.clone() for name, t in swapped.items()}
+    expected = torch.func.functional_call(ref, swapped, (x,))
+    assert relative_error(torch.func.functional_call(ours, mine, (x,)), expected.double()) <= 1e-6
+    assert torch.allclose(mine["running_var"], swapped["running_var"])
+
+
+class Double(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_forward_traces_in_one_graph():
+    bn = BatchNorm2d(6, backend="torch").eval()
+    x = torch.randn(2, 6, 3, 3)
+    assert torch.equal(torch.compile(bn, backend="eager", fullgraph=True)(x), bn(x))
+
+
 def test_cpu_tensors_take_pytorch_path_for_cuda_backend():
     x = torch.randn(2, 3, 4, 4)
     stats = torch.randn(3), torch.rand(3) + 0.5
