@@ -76,7 +76,7 @@ def kernels(source: str, arch: str = "90") -> dict:
         if m := re.search(r"Function : (\w+)", line):
             name = m.group(1)
             code[name] = []
-        elif name and (m := re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(.+?)\s*;", line)) and m.group(1) != "NOP":
+        elif name and (m := re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.+?)\s*;", line)) and m.group(1) != "NOP":
             code[name].append(re.sub(r"0x[0-9a-f]+", "ADDR", m.group(1)))  # branch targets move with any edit
     mangled = sorted(code)
     demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True,

@@ -1,7 +1,6 @@
 """The CUDA module compiles without a GPU: for sm_80 and sm_90 with the installed PyTorch, and the same
 source against PyTorch 2.1's headers (the oldest PyTorch promised)."""
 import os
-import re
 import shutil
 import subprocess
 import sys
