@@ -134,8 +134,11 @@ constexpr int64_t SMALL_BYTES = 16 << 20, SMALL_NARROW_BYTES = 2 << 20;
 // blocks, each thread four rows of a 16-byte vector (one row of single elements); measured in
 // experiments/NOTES.md, "channels_last small tensors".
 constexpr int DEFAULT_THREADS = 256, SMALL_CHANNELS_LAST_THREADS = 128, SMALL_CHANNELS_LAST_ROWS = 4;
-// The largest block a config may ask for; the kernels are compiled to fit it (at most 64 registers).
-constexpr int MAX_THREADS = 1024;
+// The largest block a config may ask for; the kernels are compiled to fit it (at most 64 registers), but for
+// channels_last_kernel, whose bfloat16 instantiation spilled at that cap on sm_90 and ran 2-6% slower than
+// float16 on large tensors: its blocks take at most 512 threads (experiments/NOTES.md, "bfloat16 channels_last:
+// a spill at the 64-register cap").
+constexpr int MAX_THREADS = 1024, CHANNELS_LAST_MAX_THREADS = 512;
 // channels_last: at most a warp along a row (32 vectors = 512 contiguous bytes); the rest of a block takes
 // more rows, so a block's channel range (and its shared-memory table) stays small.
 constexpr int MAX_ROW_THREADS = 32;
@@ -313,7 +316,7 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
 // gridDim.y * blockDim.y-th. The block's scale/shift pairs are computed once, into shared memory, while
 // the first loads are in flight; each thread then keeps its VEC pairs in registers.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(MAX_THREADS) channels_last_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
+__global__ void __launch_bounds__(CHANNELS_LAST_MAX_THREADS) channels_last_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
                                      int64_t rows, int64_t channels) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
@@ -1093,7 +1096,7 @@ cudaError_t channels_last_launch(const Launch& l) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t rows = l.numel / l.channels;
   const int64_t vectors = cdiv(l.channels, VEC);
-  const int threads = threads_or(l, DEFAULT_THREADS);
+  const int threads = std::min(threads_or(l, DEFAULT_THREADS), CHANNELS_LAST_MAX_THREADS);
   const int64_t tx = row_threads(vectors, threads);
   const int64_t ty = std::max<int64_t>(threads / tx, 1);
   const int64_t gx = cdiv(vectors, tx);
@@ -1564,7 +1567,8 @@ FUNCTIONS = ["nchw", "channels_last", "naive", "eval_forward", "batch_stats", "f
 class CudaConfig(NamedTuple):
     """Launch parameters of the CUDA kernels (the naive kernel has fixed ones)."""
 
-    threads: int = 0  # threads per block, a multiple of 32; 0: the kernel's (256; small channels_last: 128)
+    threads: int = 0  # threads per block, a multiple of 32 (channels_last's tiled kernel: at most 512); 0: the
+                      # kernel's (256; small channels_last: 128)
     vectorized: bool = True  # 16-byte loads and stores where the pointers and sizes allow
     blocks_per_sm: int = 0  # 0: enough blocks to cover the tensor once; k: a grid-stride grid of k per SM
     fused: int = -1  # training: -1 one kernel reading x once where it pays, 0 never, 1 wherever one applies

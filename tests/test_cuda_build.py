@@ -28,21 +28,17 @@ def test_module_builds_and_imports_for_sm80_and_sm90(tmp_path):
     assert "sm_80" in elves and "sm_90" in elves, elves
 
 
-# Spills the compiler reports today: channels_last_kernel in bfloat16 on sm_90, 8 bytes each way at the
-# 64-register cap of its 1024-thread launch bounds (experiments/NOTES.md, "The CUDA module's SASS, checked
-# without a GPU"). Any other spill is new.
-KNOWN_SPILLS = {"80": {}, "90": {"channels_last_kernel<__nv_bfloat16, 8>": 16}}
-
-
 @nvcc
 @pytest.mark.skipif(shutil.which("c++filt") is None, reason="needs c++filt")
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_sass(arch):
-    """No new spills to local memory, and the small kernels that measured one trip to memory per launch still
+    """No spills to local memory (channels_last_kernel in bfloat16 spilled on sm_90 at the 64-register cap of
+    1024-thread launch bounds, and ran 2-6% slower for it: experiments/NOTES.md, "bfloat16 channels_last: a
+    spill at the 64-register cap"), and the small kernels that measured one trip to memory per launch still
     issue every load before reading any: the 16-bit NCHW kernel once waited for x before loading its
     parameters, the float32 channels_last one for var before loading its weights (experiments/NOTES.md)."""
     kernels = sass.kernels(sass.source_at(), arch)
-    assert {name: k.spill_bytes for name, k in kernels.items() if k.spill_bytes} == KNOWN_SPILLS[arch]
+    assert {name: k.spill_bytes for name, k in kernels.items() if k.spill_bytes} == {}
     for name in ("small_kernel<float, 4, false>", "small_kernel<__half, 8, false>",
                  "small_kernel<__nv_bfloat16, 8, false>", "small_channels_last_kernel<float, 4, 4>"):
         assert sass.late_loads(kernels[name].instructions) == 0, name
