@@ -33,8 +33,8 @@ def test_module_builds_and_imports_for_sm80_and_sm90(tmp_path):
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_sass(arch):
     """No spills to local memory (channels_last_kernel in bfloat16 spilled on sm_90 at the 64-register cap of
-    1024-thread launch bounds, and ran 2-6% slower for it: experiments/NOTES.md, "bfloat16 channels_last: a
-    spill at the 64-register cap"), and the small kernels that measured one trip to memory per launch still
+    1024-thread launch bounds, and took 1.4-6% longer than float16 for it: experiments/NOTES.md, "bfloat16
+    channels_last: a spill at the 64-register cap"), and the small kernels that measured one trip to memory per launch still
     issue every load before reading any: the 16-bit NCHW kernel once waited for x before loading its
     parameters, the float32 channels_last one for var before loading its weights (experiments/NOTES.md)."""
     kernels = sass.kernels(sass.source_at(), arch)

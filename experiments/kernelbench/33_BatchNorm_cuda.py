@@ -99,10 +99,10 @@ constexpr int64_t SMALL_BYTES = 16 << 20, SMALL_NARROW_BYTES = 2 << 20;
 // blocks, each thread four rows of a 16-byte vector (one row of single elements); measured in
 // experiments/NOTES.md, "channels_last small tensors".
 constexpr int DEFAULT_THREADS = 256, SMALL_CHANNELS_LAST_THREADS = 128, SMALL_CHANNELS_LAST_ROWS = 4;
-// The largest block a config may ask for; the kernels are compiled to fit it (at most 64 registers), but for
-// channels_last_kernel, whose bfloat16 instantiation spilled at that cap on sm_90 and ran 2-6% slower than
-// float16 on large tensors: its blocks take at most 512 threads (experiments/NOTES.md, "bfloat16 channels_last:
-// a spill at the 64-register cap").
+// The largest block a config may ask for; the kernels are compiled to fit it (at most 64 registers). Not so
+// channels_last_kernel: at that cap its bfloat16 instantiation spilled on sm_90 and took 1.4-6% longer than
+// float16 on large tensors, so its blocks take at most 512 threads (experiments/NOTES.md, "bfloat16
+// channels_last: a spill at the 64-register cap").
 constexpr int MAX_THREADS = 1024, CHANNELS_LAST_MAX_THREADS = 512;
 // channels_last: at most a warp along a row (32 vectors = 512 contiguous bytes); the rest of a block takes
 // more rows, so a block's channel range (and its shared-memory table) stays small.
