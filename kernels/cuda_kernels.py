@@ -15,7 +15,8 @@ quickly; ``CPP_SOURCE`` holds the tensor-facing side (checks, dtype dispatch, th
   channels, computes their scale and shift once into shared memory, and its threads walk down the rows with
   their channels' pairs in registers.
 * ``small_channels_last_kernel`` -- channels_last tensors of a few megabytes: a thread per four rows of one
-  16-byte vector of channels, the channels' parameters loaded as vectors, no table, no barrier, no loop.
+  16-byte vector of channels (16-bit tensors of at most 2 MB: two rows of an 8-byte vector), the channels'
+  parameters loaded as vectors, no table, no barrier, no loop.
 * ``naive_kernel`` -- the study's starting point: one thread per element, 256 threads, a flat 32-bit
   index and ``(x - mean) / sqrt(var + eps)`` per element.
 
@@ -131,8 +132,10 @@ constexpr int UNROLL = 4;
 // "Small tensors, a kernel of their own", "channels_last small tensors" and "Tensors of 4-32 MB").
 constexpr int64_t SMALL_BYTES = 16 << 20, SMALL_NARROW_BYTES = 2 << 20;
 // Threads per block where a launch leaves it to the kernel. channels_last's small-tensor kernel runs smaller
-// blocks, each thread four rows of a 16-byte vector (one row of single elements); measured in
-// experiments/NOTES.md, "channels_last small tensors".
+// blocks, each thread four rows of a 16-byte vector (one row of single elements); 16-bit tensors of at most
+// SMALL_NARROW_BYTES, two rows of an 8-byte vector: a warp there is latency-bound, and half the channels per
+// thread issue fewer instructions. Measured in experiments/NOTES.md, "channels_last small tensors" and
+// "16-bit channels_last tensors of at most 2 MB: narrower threads".
 constexpr int DEFAULT_THREADS = 256, SMALL_CHANNELS_LAST_THREADS = 128, SMALL_CHANNELS_LAST_ROWS = 4;
 // The largest block a config may ask for; the kernels are compiled to fit it (at most 64 registers). Not so
 // channels_last_kernel: at that cap its bfloat16 instantiation spilled on sm_90 and took 1.4-6% longer than
@@ -1107,9 +1110,8 @@ cudaError_t channels_last_launch(const Launch& l) {
   return cudaGetLastError();
 }
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, int ROWS = VEC == 1 ? 1 : SMALL_CHANNELS_LAST_ROWS>
 cudaError_t small_channels_last_launch(const Launch& l) {
-  constexpr int ROWS = VEC == 1 ? 1 : SMALL_CHANNELS_LAST_ROWS;
   const int64_t vectors = l.channels / VEC, units = vectors * cdiv(l.numel / l.channels, ROWS);
   const int threads = threads_or(l, SMALL_CHANNELS_LAST_THREADS);
   small_channels_last_kernel<scalar_t, VEC, ROWS><<<cdiv(units, threads), threads, 0, l.stream>>>(
@@ -1126,10 +1128,15 @@ bool params_aligned(const Params& p) {
   return aligned(p.weight, affine) && aligned(p.bias, affine) && aligned(p.mean, stats) && aligned(p.var, stats);
 }
 
+// The channels_last kernel for a launch: the small-tensor kernel for small tensors whose parameters allow its
+// vector loads, 16-bit ones of at most SMALL_NARROW_BYTES on half vectors of two rows; else the block kernel.
 template <typename scalar_t, int VEC>
 cudaError_t channels_last_by_size(const Launch& l) {
-  const bool small_tensor = params_aligned<scalar_t, VEC>(l.params) && small(l, SMALL_BYTES);
-  return small_tensor ? small_channels_last_launch<scalar_t, VEC>(l) : channels_last_launch<scalar_t, VEC>(l);
+  if (!params_aligned<scalar_t, VEC>(l.params) || !small(l, SMALL_BYTES)) return channels_last_launch<scalar_t, VEC>(l);
+  if constexpr (sizeof(scalar_t) == 2 && VEC > 1) {
+    if (l.numel * 2 <= SMALL_NARROW_BYTES) return small_channels_last_launch<scalar_t, VEC / 2, 2>(l);
+  }
+  return small_channels_last_launch<scalar_t, VEC>(l);
 }
 
 template <typename scalar_t>
