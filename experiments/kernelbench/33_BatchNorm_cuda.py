@@ -254,14 +254,7 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
       if (WHOLE) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) out.v[j] = apply(in[u].v[j], a);
-      } else if (plane >= VEC) {
-        // The vector's first `head` elements are plane k's, the rest the next plane's: a select per element,
-        // no branch (the next plane's pair is read past the table's end where there is none, and not used).
-        const int head = int(min(plane * (k + 1) - local, int64_t(VEC)));
-        const Affine<acc_t> b = affine(k + 1);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) out.v[j] = apply(in[u].v[j], j < head ? a : b);
-      } else {  // planes shorter than a vector: a walk across them
+      } else {
         int64_t pos = local - k * plane;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
