@@ -80,6 +80,7 @@ cudaError_t launch_stats(const StatsLaunch& l);
 }  // namespace bn2d
 
 #include <algorithm>
+#include <type_traits>
 #include <cooperative_groups.h>
 #include <cuda_pipeline.h>
 #include <cuda_bf16.h>
@@ -255,7 +256,8 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
 #pragma unroll
         for (int j = 0; j < VEC; ++j) out.v[j] = apply(in[u].v[j], a);
       } else {
-        int64_t pos = local - k * plane;
+        // Within a tile of short planes a position fits in 32 bits.
+        std::conditional_t<LONG, int64_t, int> pos = local - k * plane;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           if (pos == plane) {  // the vector crosses into the next plane
