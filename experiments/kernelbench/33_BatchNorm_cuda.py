@@ -1100,7 +1100,8 @@ template <typename scalar_t, int VEC>
 cudaError_t channels_last_by_size(const Launch& l) {
   if (!params_aligned<scalar_t, VEC>(l.params) || !small(l, SMALL_BYTES)) return channels_last_launch<scalar_t, VEC>(l);
   if constexpr (sizeof(scalar_t) == 2 && VEC > 1) {
-    if (l.numel * 2 <= SMALL_NARROW_BYTES) return small_channels_last_launch<scalar_t, VEC / 2, 2>(l);
+    if (l.numel * int64_t(sizeof(scalar_t)) <= SMALL_NARROW_BYTES)
+      return small_channels_last_launch<scalar_t, VEC / 2, 2>(l);
   }
   return small_channels_last_launch<scalar_t, VEC>(l);
 }
