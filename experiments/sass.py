@@ -5,7 +5,7 @@ kernel needs even when it changes no result (experiments/NOTES.md, "A refactor t
 small kernel 7%").
 
     python -m experiments.sass                            # per kernel: instructions, loads, late loads,
-                                                          # registers, spills
+                                                          # registers, spills, local-memory accesses
     python -m experiments.sass --base f6a31f4 --arch 80   # ... and whether each differs from f6a31f4's
 """
 import argparse
@@ -91,6 +91,12 @@ def split(instruction: str):
     return op, operands.split(", ")
 
 
+def local_accesses(instructions: List[str]) -> int:
+    """Loads from and stores to local memory: spills, and values the compiler keeps in a stack frame (which
+    ptxas does not count as spills)."""
+    return sum(split(i)[0].split(".")[0] in ("LDL", "STL") for i in instructions)
+
+
 def is_load(op: str) -> bool:
     """A global load into registers (LDG.E.128, not cp.async's LDGSTS)."""
     return op.split(".")[0] == "LDG"
@@ -122,7 +128,7 @@ def main(argv=None):
     new = kernels(source_at(), args.arch)
     old = kernels(source_at(args.base), args.arch) if args.base else {}
     print(f"{'kernel (sm_' + args.arch + ')':64s} {'instr':>6s} {'LDG':>4s} {'LDG.128':>7s} {'late LDG':>8s} "
-          f"{'regs':>4s} {'spill':>5s}" + ("  vs " + args.base if args.base else ""))
+          f"{'regs':>4s} {'spill':>5s} {'LDL/STL':>7s}" + ("  vs " + args.base if args.base else ""))
     for name, k in new.items():
         if args.kernels not in name:
             continue
@@ -131,7 +137,7 @@ def main(argv=None):
         versus = "" if not args.base else "  new" if name not in old else (
             "  same" if old[name].instructions == k.instructions else "  differs")
         print(f"{name:64s} {len(k.instructions):6d} {len(loads):4d} {len(wide):7d} {late_loads(k.instructions):8d} "
-              f"{k.registers:4d} {k.spill_bytes:5d}{versus}")
+              f"{k.registers:4d} {k.spill_bytes:5d} {local_accesses(k.instructions):7d}{versus}")
 
 
 if __name__ == "__main__":
