@@ -7,6 +7,7 @@ small kernel 7%").
     python -m experiments.sass                            # per kernel: instructions, loads, late loads,
                                                           # registers, spills, local-memory accesses
     python -m experiments.sass --base f6a31f4 --arch 80   # ... and whether each differs from f6a31f4's
+    python -m experiments.sass --rev 0f403a3 --base c18c3e6   # the kernels at 0f403a3 against c18c3e6's
 """
 import argparse
 import os
@@ -122,10 +123,11 @@ def late_loads(instructions: List[str]) -> int:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="90", help="compute capability without the dot: 80, 90")
+    parser.add_argument("--rev", default="", help="the git revision to list (default: the working tree)")
     parser.add_argument("--base", help="a git revision to compare with")
     parser.add_argument("--kernels", default="", help="only kernels whose name contains this")
     args = parser.parse_args(argv)
-    new = kernels(source_at(), args.arch)
+    new = kernels(source_at(args.rev), args.arch)
     old = kernels(source_at(args.base), args.arch) if args.base else {}
     print(f"{'kernel (sm_' + args.arch + ')':64s} {'instr':>6s} {'LDG':>4s} {'LDG.128':>7s} {'late LDG':>8s} "
           f"{'regs':>4s} {'spill':>5s} {'LDL/STL':>7s}" + ("  vs " + args.base if args.base else ""))

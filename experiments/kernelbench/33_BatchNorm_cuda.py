@@ -93,8 +93,9 @@ namespace {
 constexpr int VEC_BYTES = 16;
 constexpr int UNROLL = 4;
 // Tensors of at most this many bytes take a small-tensor kernel (no table, no barrier, no loop); NCHW ones of
-// single elements or of 16-bit vectors that straddle planes, at most the second (measured: experiments/NOTES.md,
-// "Small tensors, a kernel of their own", "channels_last small tensors" and "Tensors of 4-32 MB").
+// single elements or of 16-bit vectors that straddle planes, at most the second, up to which 16-bit
+// channels_last ones take narrower threads (measured: experiments/NOTES.md, "Small tensors, a kernel of their
+// own", "channels_last small tensors" and "Tensors of 4-32 MB").
 constexpr int64_t SMALL_BYTES = 16 << 20, SMALL_NARROW_BYTES = 2 << 20;
 // Threads per block where a launch leaves it to the kernel. channels_last's small-tensor kernel runs smaller
 // blocks, each thread four rows of a 16-byte vector (one row of single elements); 16-bit tensors of at most
