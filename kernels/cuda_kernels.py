@@ -586,26 +586,28 @@ __global__ void __launch_bounds__(STATS_THREADS, STATS_BLOCKS_PER_SM) nchw_stats
   if (threadIdx.x == 0) store_part(summary, parts * channels, part * channels + c, table[0]);
 }
 
-// NHWC: thread (tx, ty) of block (bx, by) owns channels c0 .. c0 + VEC - 1 of the same rows as in
-// channels_last_kernel; row by of the summary is block row by's piece. A thread's channels see the same
-// number of values, so one division per step serves all VEC of them, and the loads are made unconditionally
-// (clamped to the last row), as in channels_last_kernel.
+// NHWC: thread (tx, ty) of block (bx, by) owns channels c0 .. c0 + VEC - 1 as channels_last_kernel does, and
+// visits rows by * blockDim.y + ty, then every gridDim.y * blockDim.y-th; row by of the summary is block
+// row by's piece. So this grid of one wave reads one span of rows together (channels_last_kernel's
+// consecutive rows per block took float32 tensors of 26-51 MB 4-5% longer here: experiments/NOTES.md,
+// "channels_last: a block's loads in consecutive rows"). A thread's channels see the same number of values, so one division per step serves all
+// VEC of them, and the loads are made unconditionally (clamped to the last row), as in channels_last_kernel.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(STATS_THREADS, STATS_BLOCKS_PER_SM) channels_last_stats_kernel(const scalar_t* __restrict__ x,
                                            double* __restrict__ summary, int64_t rows, int64_t channels) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  const int64_t step = int64_t(gridDim.y) * blockDim.y * UNROLL;
+  const int64_t step = int64_t(gridDim.y) * blockDim.y;
   const scalar_t* column = x + min(c0, channels - VEC);
   Summary<acc_t> s[VEC] = {};
-  for (int64_t base = int64_t(blockIdx.y) * blockDim.y * UNROLL + threadIdx.y; c0 < channels && base < rows; base += step) {
+  for (int64_t base = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; c0 < channels && base < rows; base += step * UNROLL) {
     vec_t in[UNROLL];
     int valid = 0;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      in[u] = *reinterpret_cast<const vec_t*>(column + min(base + u * blockDim.y, rows - 1) * channels);
-      valid += base + u * blockDim.y < rows;
+      in[u] = *reinterpret_cast<const vec_t*>(column + min(base + u * step, rows - 1) * channels);
+      valid += base + u * step < rows;
     }
     const acc_t inverse = acc_t(1) / acc_t(valid), w = acc_t(valid) / (s[0].n + acc_t(valid));
 #pragma unroll

@@ -282,9 +282,10 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
 }
 
 // Rows of `channels` contiguous elements (NHWC). Thread (tx, ty) of block (bx, by) owns channels
-// c0 = (bx * blockDim.x + tx) * VEC .. c0 + VEC - 1 and visits rows by * blockDim.y + ty, then every
-// gridDim.y * blockDim.y-th. The block's scale/shift pairs are computed once, into shared memory, while
-// the first loads are in flight; each thread then keeps its VEC pairs in registers.
+// c0 = (bx * blockDim.x + tx) * VEC .. c0 + VEC - 1 of rows ty, ty + blockDim.y, ... of the block's
+// UNROLL * blockDim.y consecutive rows, then of every gridDim.y-th such group. The block's scale/shift pairs
+// are computed once, into shared memory, while the first loads are in flight; each thread then keeps its VEC
+// pairs in registers.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNELS_LAST_MAX_THREADS) channels_last_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
                                      int64_t rows, int64_t channels) {
@@ -295,8 +296,8 @@ __global__ void __launch_bounds__(CHANNELS_LAST_MAX_THREADS) channels_last_kerne
   // Written as a multiple of VEC (not block_c0 + threadIdx.x * VEC): the compiler then knows every row's
   // vector is 16-byte aligned and stores it in one instruction (else four).
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  const int64_t step = int64_t(gridDim.y) * blockDim.y;
-  const int64_t first = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
+  const int64_t step = int64_t(gridDim.y) * blockDim.y * UNROLL;
+  const int64_t first = int64_t(blockIdx.y) * blockDim.y * UNROLL + threadIdx.y;
   const bool active = c0 < channels;
   // Every load is made, the ones past the last row or channel clamped to it (an L1 hit): a load that may not
   // happen keeps the register's old value, and for bfloat16 that made the compiler wait for each load in turn.
@@ -305,7 +306,7 @@ __global__ void __launch_bounds__(CHANNELS_LAST_MAX_THREADS) channels_last_kerne
   auto load = [&](int64_t base) {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
-      in[u] = *reinterpret_cast<const vec_t*>(column + min(base + u * step, rows - 1) * channels);
+      in[u] = *reinterpret_cast<const vec_t*>(column + min(base + u * blockDim.y, rows - 1) * channels);
   };
   load(first);
   const int width = int(min(int64_t(blockDim.x) * VEC, channels - block_c0));
@@ -316,11 +317,11 @@ __global__ void __launch_bounds__(CHANNELS_LAST_MAX_THREADS) channels_last_kerne
   Affine<acc_t> a[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) a[j] = table[threadIdx.x * VEC + j];
-  for (int64_t base = first; base < rows; base += step * UNROLL) {
+  for (int64_t base = first; base < rows; base += step) {
     if (base != first) load(base);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int64_t r = base + u * step;
+      const int64_t r = base + u * blockDim.y;
       if (r >= rows) continue;
       vec_t out;
 #pragma unroll
@@ -551,7 +552,9 @@ __global__ void __launch_bounds__(STATS_THREADS, STATS_BLOCKS_PER_SM) nchw_stats
 
 // NHWC: thread (tx, ty) of block (bx, by) owns channels c0 .. c0 + VEC - 1 as channels_last_kernel does, and
 // visits rows by * blockDim.y + ty, then every gridDim.y * blockDim.y-th; row by of the summary is block
-// row by's piece. A thread's channels see the same number of values, so one division per step serves all
+// row by's piece. So this grid of one wave reads one span of rows together (channels_last_kernel's
+// consecutive rows per block took float32 tensors of 26-51 MB 4-5% longer here: experiments/NOTES.md,
+// "channels_last: a block's loads in consecutive rows"). A thread's channels see the same number of values, so one division per step serves all
 // VEC of them, and the loads are made unconditionally (clamped to the last row), as in channels_last_kernel.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(STATS_THREADS, STATS_BLOCKS_PER_SM) channels_last_stats_kernel(const scalar_t* __restrict__ x,
