@@ -12,8 +12,8 @@ quickly; ``CPP_SOURCE`` holds the tensor-facing side (checks, dtype dispatch, th
 * ``small_kernel`` -- contiguous NCHW tensors of a few megabytes, latency-bound: a 16-byte vector per thread
   and nothing else (no table, no barrier, no loop).
 * ``channels_last_kernel`` -- NHWC (and NCHW with 1x1 planes, the same memory). A block owns a range of
-  channels, computes their scale and shift once into shared memory, and its threads walk down the rows with
-  their channels' pairs in registers.
+  channels, computes their scale and shift once into shared memory, and its threads walk down the rows (a
+  span of consecutive rows per block at a time) with their channels' pairs in registers.
 * ``small_channels_last_kernel`` -- channels_last tensors of a few megabytes: a thread per four rows of one
   16-byte vector of channels (16-bit tensors of at most 2 MB: two rows of an 8-byte vector), the channels'
   parameters loaded as vectors, no table, no barrier, no loop.
