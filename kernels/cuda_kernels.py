@@ -12,8 +12,8 @@ quickly; ``CPP_SOURCE`` holds the tensor-facing side (checks, dtype dispatch, th
 * ``small_kernel`` -- contiguous NCHW tensors of a few megabytes, latency-bound: a 16-byte vector per thread
   and nothing else (no table, no barrier, no loop).
 * ``channels_last_kernel`` -- NHWC (and NCHW with 1x1 planes, the same memory). A block owns a range of
-  channels, computes their scale and shift once into shared memory, and its threads walk down the rows (a
-  span of consecutive rows per block at a time) with their channels' pairs in registers.
+  channels, computes their scale and shift once into shared memory, and its threads walk the rows (a span
+  of consecutive rows per block at a time, from the tensor's end) with their channels' pairs in registers.
 * ``small_channels_last_kernel`` -- channels_last tensors of a few megabytes: a thread per four rows of one
   16-byte vector of channels (16-bit tensors of at most 2 MB: two rows of an 8-byte vector), the channels'
   parameters loaded as vectors, no table, no barrier, no loop.
@@ -318,10 +318,11 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
 }
 
 // Rows of `channels` contiguous elements (NHWC). Thread (tx, ty) of block (bx, by) owns channels
-// c0 = (bx * blockDim.x + tx) * VEC .. c0 + VEC - 1 of rows ty, ty + blockDim.y, ... of the block's
-// UNROLL * blockDim.y consecutive rows, then of every gridDim.y-th such group. The block's scale/shift pairs
-// are computed once, into shared memory, while the first loads are in flight; each thread then keeps its VEC
-// pairs in registers.
+// c0 = (bx * blockDim.x + tx) * VEC .. c0 + VEC - 1 of rows ty, ty + blockDim.y, ... of a span of
+// UNROLL * blockDim.y consecutive rows, then of every gridDim.y-th span. Block row 0 takes the last span:
+// blocks start in index order, so x is read from its end, the part that a pass over x in address order
+// (training's statistics kernel) leaves in L2. The block's scale/shift pairs are computed once, into shared
+// memory, while the first loads are in flight; each thread then keeps its VEC pairs in registers.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNELS_LAST_MAX_THREADS) channels_last_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
                                      int64_t rows, int64_t channels) {
@@ -333,7 +334,7 @@ __global__ void __launch_bounds__(CHANNELS_LAST_MAX_THREADS) channels_last_kerne
   // vector is 16-byte aligned and stores it in one instruction (else four).
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const int64_t step = int64_t(gridDim.y) * blockDim.y * UNROLL;
-  const int64_t first = int64_t(blockIdx.y) * blockDim.y * UNROLL + threadIdx.y;
+  const int64_t first = int64_t(gridDim.y - 1 - blockIdx.y) * blockDim.y * UNROLL + threadIdx.y;
   const bool active = c0 < channels;
   // Every load is made, the ones past the last row or channel clamped to it (an L1 hit): a load that may not
   // happen keeps the register's old value, and for bfloat16 that made the compiler wait for each load in turn.
@@ -588,10 +589,11 @@ __global__ void __launch_bounds__(STATS_THREADS, STATS_BLOCKS_PER_SM) nchw_stats
 
 // NHWC: thread (tx, ty) of block (bx, by) owns channels c0 .. c0 + VEC - 1 as channels_last_kernel does, and
 // visits rows by * blockDim.y + ty, then every gridDim.y * blockDim.y-th; row by of the summary is block
-// row by's piece. So this grid of one wave reads one span of rows together (channels_last_kernel's
-// consecutive rows per block took float32 tensors of 26-51 MB 4-5% longer here: experiments/NOTES.md,
-// "channels_last: a block's loads in consecutive rows"). A thread's channels see the same number of values, so one division per step serves all
-// VEC of them, and the loads are made unconditionally (clamped to the last row), as in channels_last_kernel.
+// row by's piece. So this grid of one wave reads x in address order, and channels_last_kernel, which starts
+// at the end, finds the rows read last in L2 (experiments/NOTES.md, "channels_last: a block's loads in
+// consecutive rows, from the tensor's end"). A thread's channels see the same number of values, so one
+// division per step serves all VEC of them, and the loads are made unconditionally (clamped to the last row),
+// as in channels_last_kernel.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(STATS_THREADS, STATS_BLOCKS_PER_SM) channels_last_stats_kernel(const scalar_t* __restrict__ x,
                                            double* __restrict__ summary, int64_t rows, int64_t channels) {
