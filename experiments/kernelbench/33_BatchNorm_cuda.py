@@ -257,11 +257,15 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
 #pragma unroll
         for (int j = 0; j < VEC; ++j) out.v[j] = apply(in[u].v[j], a);
       } else {
-        // Within a tile of short planes a position fits in 32 bits.
+        // Within a tile of short planes a position fits in 32 bits, and so does the plane's length. Compared in
+        // 32 bits in 16-bit types only: float32's kernel then took 42 registers instead of 32 and ran 1-2%
+        // slower (experiments/NOTES.md, "The tiled kernel's straddle walk").
         std::conditional_t<LONG, int64_t, int> pos = local - k * plane;
+        using length_t = std::conditional_t<LONG || sizeof(scalar_t) != 2, int64_t, int>;
+        const length_t length = length_t(plane);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          if (pos == plane) {  // the vector crosses into the next plane
+          if (pos == length) {  // the vector crosses into the next plane
             pos = 0;
             a = affine(++k);
           }
