@@ -323,9 +323,9 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
 
 // Rows of `channels` contiguous elements (NHWC). Thread (tx, ty) of block (bx, by) owns channels
 // c0 = (bx * blockDim.x + tx) * VEC .. c0 + VEC - 1 of rows ty, ty + blockDim.y, ... of a span of
-// UNROLL * blockDim.y consecutive rows, then of every gridDim.y-th span. Block row 0 takes the last span:
-// blocks start in index order, so x is read from its end, the part that a pass over x in address order
-// (training's statistics kernel) leaves in L2. The block's scale/shift pairs are computed once, into shared
+// UNROLL * blockDim.y consecutive rows, then of every gridDim.y-th span, block rows taking each pass's spans
+// in reverse order: blocks start in index order, so x is read from its end, the part that a pass over x in
+// address order (training's statistics kernel) leaves in L2. The block's scale/shift pairs are computed once, into shared
 // memory, while the first loads are in flight; each thread then keeps its VEC pairs in registers.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNELS_LAST_MAX_THREADS) channels_last_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
