@@ -107,8 +107,6 @@ def normalize_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
 FLAT_BLOCK = 512
 FLAT_WARPS = 4
 FLAT_ELEMENTS = 1 << 19
-# 16-bit NCHW tensors over FLAT_ELEMENTS with planes shorter than this take the flat kernel with a table.
-TABLE_PLANE = 64
 
 
 def flat(x, layout: str) -> bool:
@@ -121,59 +119,20 @@ def flat(x, layout: str) -> bool:
     return x.element_size() > 2 or x.numel() <= FLAT_ELEMENTS or odd_planes
 
 
-def flat_table(x, layout: str) -> bool:
-    """Whether the flat kernel reads each channel's scale and shift from a table: 16-bit NCHW tensors over
-    FLAT_ELEMENTS with planes of fewer than TABLE_PLANE elements (7x7: 0.68-0.88x the time; 14x14 planes,
-    whose elements change channel four times less often, 1.00-1.03x, keep the gathers; experiments/NOTES.md,
-    "Triton's flat kernel in 16-bit types: a table of scale and shift")."""
-    return (flat(x, layout) and layout == "nchw" and x.element_size() == 2 and x.numel() > FLAT_ELEMENTS
-            and x.shape[2] * x.shape[3] < TABLE_PLANE)
-
-
-@triton.jit
-def _flat_offsets(NUMEL, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    # 32-bit offsets unless the tensor needs more: the division and the modulo of an element's channel run per
-    # element, and in 64 bits each is a long instruction sequence.
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    offsets = pid * BLOCK + tl.arange(0, BLOCK)
-    return offsets, offsets < NUMEL
-
-
 @triton.jit
 def normalize_flat_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps, NUMEL, C,
                           PLANE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                           BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    offsets, mask = _flat_offsets(NUMEL, BLOCK, WIDE)
+    # 32-bit offsets unless the tensor needs more: the division and the modulo below run per element, and in
+    # 64 bits each is a long instruction sequence.
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < NUMEL
     scale, shift = _affine((offsets // PLANE) % C, mask, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
                            HAS_WEIGHT, HAS_BIAS, ACC)
     x = tl.load(x_ptr + offsets, mask=mask).to(ACC)
-    tl.store(y_ptr + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def scale_shift_kernel(weight_ptr, bias_ptr, mean_ptr, var_ptr, eps, table_ptr, C,
-                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Each channel's scale and shift into table[0, c] and table[1, c] (float32)."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < C
-    scale, shift = _affine(c, mask, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps, HAS_WEIGHT, HAS_BIAS, ACC)
-    tl.store(table_ptr + c, scale, mask=mask)
-    tl.store(table_ptr + C + c, shift, mask=mask)
-
-
-@triton.jit
-def normalize_flat_table_kernel(x_ptr, y_ptr, table_ptr, NUMEL, C: tl.constexpr, PLANE: tl.constexpr,
-                                BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    # The flat kernel with two gathers per element from the table instead of four loads and an rsqrt, and C a
-    # compile-time constant, so that the modulo is a multiply and a shift: in 16-bit types, eight elements per
-    # 16-byte vector, those per-element instructions outweighed the vector's own load and store.
-    offsets, mask = _flat_offsets(NUMEL, BLOCK, WIDE)
-    c = (offsets // PLANE) % C
-    scale = tl.load(table_ptr + c, mask=mask, other=1.0)
-    shift = tl.load(table_ptr + C + c, mask=mask, other=0.0)
-    x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
     tl.store(y_ptr + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -189,18 +148,10 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
         block_r, block_l, num_warps = config
         large_16bit = x.element_size() == 2 and numel > FLAT_ELEMENTS
         block = max(block_r, 1) * block_l or FLAT_BLOCK * (2 if large_16bit else 1)
-        grid, plane, wide = (triton.cdiv(numel, block),), h * w if layout == "nchw" else 1, numel + block >= 2 ** 31
-        if flat_table(x, layout):
-            table = torch.empty(2, c, device=x.device, dtype=torch.float32)
-            scale_shift_kernel[(triton.cdiv(c, FLAT_BLOCK),)](
-                weight, bias, mean, var, eps, table, c, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                ACC=acc, BLOCK=FLAT_BLOCK)
-            normalize_flat_table_kernel[grid](x, y, table, numel, C=c, PLANE=plane, BLOCK=block, WIDE=wide,
-                                              num_warps=num_warps or FLAT_WARPS)
-            return
-        normalize_flat_kernel[grid](
-            x, y, weight, bias, mean, var, eps, numel, c, PLANE=plane, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, ACC=acc, BLOCK=block, WIDE=wide, num_warps=num_warps or FLAT_WARPS)
+        normalize_flat_kernel[(triton.cdiv(numel, block),)](
+            x, y, weight, bias, mean, var, eps, numel, c, PLANE=h * w if layout == "nchw" else 1,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=acc, BLOCK=block,
+            WIDE=numel + block >= 2 ** 31, num_warps=num_warps or FLAT_WARPS)
         return
     if layout == "nchw":
         rows, cols = n * c, h * w
