@@ -289,8 +289,8 @@ __global__ void __launch_bounds__(MAX_THREADS) nchw_kernel(const scalar_t* __res
 // c0 = (bx * blockDim.x + tx) * VEC .. c0 + VEC - 1 of rows ty, ty + blockDim.y, ... of a span of
 // UNROLL * blockDim.y consecutive rows, then of every gridDim.y-th span, block rows taking each pass's spans
 // in reverse order: blocks start in index order, so x is read from its end, the part that a pass over x in
-// address order (training's statistics kernel) leaves in L2. The block's scale/shift pairs are computed once, into shared
-// memory, while the first loads are in flight; each thread then keeps its VEC pairs in registers.
+// address order (training's statistics kernel) leaves in L2. The block's scale/shift pairs are computed once,
+// into shared memory, while the first loads are in flight; each thread then keeps its VEC pairs in registers.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNELS_LAST_MAX_THREADS) channels_last_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p,
                                      int64_t rows, int64_t channels) {
@@ -1108,7 +1108,8 @@ bool params_aligned(const Params& p) {
 // vector loads, 16-bit ones of at most SMALL_NARROW_BYTES on half vectors of two rows; else the block kernel.
 template <typename scalar_t, int VEC>
 cudaError_t channels_last_by_size(const Launch& l) {
-  if (!params_aligned<scalar_t, VEC>(l.params) || !small(l, SMALL_BYTES)) return channels_last_launch<scalar_t, VEC>(l);
+  if (!params_aligned<scalar_t, VEC>(l.params) || !small(l, SMALL_BYTES))
+    return channels_last_launch<scalar_t, VEC>(l);
   if constexpr (sizeof(scalar_t) == 2 && VEC > 1) {
     if (l.numel * int64_t(sizeof(scalar_t)) <= SMALL_NARROW_BYTES)
       return small_channels_last_launch<scalar_t, VEC / 2, 2>(l);
