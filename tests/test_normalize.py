@@ -78,6 +78,21 @@ def test_triton_large_16bit(layout, shape):
     assert relative_error(out, batch_norm_reference(x, *params)) <= TOLERANCE[torch.float16]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("block", [None, (1, 8192, 4)], ids=["default", "r1_l8192_w4"])
+def test_triton_flat_planes(block, dtype):
+    """Past FLAT_ELEMENTS, the flat kernel's programs compute scale and shift per plane (where Triton has
+    tl.gather): 7x7 planes, a channel count that is not a power of two, and a last program cut short."""
+    x = torch.randn(12, 1000, 7, 7, device=DEVICE, dtype=dtype)
+    assert x.numel() > triton_kernels.FLAT_ELEMENTS and x.numel() % 8192
+    assert triton_kernels.flat_planes(x, "nchw", 8192) == (256 if triton_kernels.HAS_GATHER else 0)
+    params = make_params(1000)
+    config = None if block is None else dict(zip(("block_r", "block_l", "num_warps"), block))
+    out = output_like(x, "triton").fill_(float("nan"))
+    batch_norm(x, *params, backend="triton", config=config, out=out)
+    assert relative_error(out, batch_norm_reference(x, *params)) <= TOLERANCE[dtype]
+
+
 def test_bad_config():
     x = torch.randn(2, 3, 4, 4, device=DEVICE)
     with pytest.raises(TypeError, match="TritonConfig"):
