@@ -643,22 +643,29 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
-// As PyTorch does: the running statistics (float32 or the input's dtype) move towards the batch's, the
-// variance with Bessel's correction.
+// A channel's running statistics (float32 or the input's dtype), loaded apart from their update so that a
+// kernel can issue the loads early and end on stores.
+struct Running { double mean, var; };
+
 template <typename scalar_t>
-__device__ __forceinline__ void update_running(void* running_mean, void* running_var, bool fp32, int64_t c,
-                                               const Summary<double>& s, double momentum) {
-  const double var = s.m2 / max(s.n - 1, 1.0);
+__device__ __forceinline__ Running load_running(const void* running_mean, const void* running_var, bool fp32,
+                                                int64_t c) {
+  return {load_param<scalar_t, double>(running_mean, fp32, c), load_param<scalar_t, double>(running_var, fp32, c)};
+}
+
+// As PyTorch does: the running statistics `old` move towards the batch's, the variance with Bessel's correction.
+template <typename scalar_t>
+__device__ __forceinline__ void store_running(void* running_mean, void* running_var, bool fp32, int64_t c,
+                                              const Running& old, const Summary<double>& s, double momentum) {
+  const double mean = (1 - momentum) * old.mean + momentum * s.mean;
+  const double var = (1 - momentum) * old.var + momentum * (s.m2 / max(s.n - 1, 1.0));
   if (fp32) {
-    float* m = static_cast<float*>(running_mean);
-    float* v = static_cast<float*>(running_var);
-    m[c] = float((1 - momentum) * m[c] + momentum * s.mean);
-    v[c] = float((1 - momentum) * v[c] + momentum * var);
+    static_cast<float*>(running_mean)[c] = float(mean);
+    static_cast<float*>(running_var)[c] = float(var);
   } else {
-    scalar_t* m = static_cast<scalar_t*>(running_mean);
-    scalar_t* v = static_cast<scalar_t*>(running_var);
-    from_acc(typename Acc<scalar_t>::type((1 - momentum) * to_acc(m[c]) + momentum * s.mean), m[c]);
-    from_acc(typename Acc<scalar_t>::type((1 - momentum) * to_acc(v[c]) + momentum * var), v[c]);
+    using acc_t = typename Acc<scalar_t>::type;
+    from_acc(acc_t(mean), static_cast<scalar_t*>(running_mean)[c]);
+    from_acc(acc_t(var), static_cast<scalar_t*>(running_var)[c]);
   }
 }
 
@@ -673,6 +680,9 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (c >= channels) return;
+  // Loaded first, so that lane 0 ends on stores alone.
+  const bool updates = lane == 0 && running_mean != nullptr;
+  const Running old = updates ? load_running<scalar_t>(running_mean, running_var, running_fp32, c) : Running{0, 0};
   // Piece p of channel c: count n[p * channels], mean means[...], M2 m2s[...].
   const double* n = summary + c;
   const double* means = n + parts * channels;
@@ -692,7 +702,7 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
   if (lane != 0) return;
   mean[c] = s.mean;
   var[c] = s.m2 / s.n;
-  if (running_mean != nullptr) update_running<scalar_t>(running_mean, running_var, running_fp32, c, s, momentum);
+  if (updates) store_running<scalar_t>(running_mean, running_var, running_fp32, c, old, s, momentum);
 }
 
 // Training mode reading x from device memory once (NCHW). A persistent grid, all of it resident (a cooperative
@@ -866,7 +876,9 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
   // channel left before its barrier.
   for (int64_t c = blockIdx.x; running_mean != nullptr && c < channels; c += gridDim.x) {
     const Summary<double> t = channel_summary(c);
-    if (threadIdx.x == 0) update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
+    if (threadIdx.x == 0)
+      store_running<scalar_t>(running_mean, running_var, running_fp32, c,
+                              load_running<scalar_t>(running_mean, running_var, running_fp32, c), t, momentum);
   }
 }
 
@@ -888,6 +900,9 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
   vec_t* yv = reinterpret_cast<vec_t*>(y);
   const int64_t c = blockIdx.x;
   const Affine<acc_t> wb = weight_bias<scalar_t, acc_t>(p, c);  // in flight while x is summarised
+  // So is thread 0's load of the running statistics: at the end, it would lengthen the block's tail.
+  const bool updates = threadIdx.x == 0 && running_mean != nullptr;
+  const Running old = updates ? load_running<scalar_t>(running_mean, running_var, running_fp32, c) : Running{0, 0};
   auto at = [&](int i) {  // the offset of the channel's i-th vector in x and y
     const uint32_t n = plane_div(uint32_t(i));
     return (int64_t(n) * channels + c) * plane_vecs + (i - int64_t(n) * plane_vecs);
@@ -909,7 +924,9 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
       if (u < valid) stash[base + u * blockDim.x] = in[u];
     s = merge(s, summarize_vectors<scalar_t, VEC, UNROLL>(in, valid));
   }
-  const Summary<double> t = block_summary(Summary<double>{s.n, s.mean, s.m2}, scratch);
+  // The channel's count is known: two block sums, not block_summary's three.
+  const double n = double(units) * VEC, mean = block_sum(s.n * s.mean, scratch) / n, d = s.mean - mean;
+  const Summary<double> t{n, mean, block_sum(s.m2 + s.n * d * d, scratch)};
   const Affine<acc_t> a = affine_of(wb, acc_t(t.mean), acc_t(t.m2 / t.n), p.eps);
   for (int i = threadIdx.x; i < units; i += blockDim.x) {
     vec_t out;
@@ -917,9 +934,7 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
     for (int j = 0; j < VEC; ++j) out.v[j] = apply(stash[i].v[j], a);
     yv[at(i)] = out;
   }
-  // Last: its loads would hold up thread 0's stores.
-  if (threadIdx.x == 0 && running_mean != nullptr)
-    update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
+  if (updates) store_running<scalar_t>(running_mean, running_var, running_fp32, c, old, t, momentum);
 }
 
 // The same for channels_last, where a channel is a column of the N * H * W rows: a block per group of
@@ -965,6 +980,11 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
   Affine<acc_t> wb[VEC];  // in flight while x is summarised (channel 0's, unused, past the last channel)
 #pragma unroll
   for (int j = 0; j < VEC; ++j) wb[j] = weight_bias<scalar_t, acc_t>(p, active ? c0 + j : 0);
+  // The thread on row j updates channel c0 + j's running statistics at the end; loaded now, so that no thread
+  // ends on a load.
+  const bool updates = active && running_mean != nullptr && threadIdx.x / cols < VEC;
+  const Running old = updates ? load_running<scalar_t>(running_mean, running_var, running_fp32, c0 + threadIdx.x / cols)
+                              : Running{0, 0};
   double sum[VEC] = {};
   for (int base = threadIdx.x / cols; active && base < rows; base += step * UNROLL) {
     vec_t in[UNROLL];
@@ -1008,13 +1028,11 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
     for (int j = 0; j < VEC; ++j) out.v[j] = apply(v.v[j], a[j]);
     yv[r * row_vecs] = out;
   }
-  // Last, and channel c0 + j by the thread on row j, so that no thread waits on more than one channel's loads
-  // (a store between two loads keeps them from overlapping: the pointers may alias).
 #pragma unroll
   for (int j = 0; j < VEC; ++j)
-    if (threadIdx.x / cols == j && running_mean != nullptr)
-      update_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j,
-                               Summary<double>{double(rows), sum[j] * per_row, m2[j]}, momentum);
+    if (updates && threadIdx.x / cols == j)
+      store_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j, old,
+                              Summary<double>{double(rows), sum[j] * per_row, m2[j]}, momentum);
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
