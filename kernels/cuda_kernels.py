@@ -680,9 +680,6 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (c >= channels) return;
-  // Loaded first, so that lane 0 ends on stores alone.
-  const bool updates = lane == 0 && running_mean != nullptr;
-  const Running old = updates ? load_running<scalar_t>(running_mean, running_var, running_fp32, c) : Running{0, 0};
   // Piece p of channel c: count n[p * channels], mean means[...], M2 m2s[...].
   const double* n = summary + c;
   const double* means = n + parts * channels;
@@ -702,7 +699,9 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
   if (lane != 0) return;
   mean[c] = s.mean;
   var[c] = s.m2 / s.n;
-  if (updates) store_running<scalar_t>(running_mean, running_var, running_fp32, c, old, s, momentum);
+  if (running_mean != nullptr)
+    store_running<scalar_t>(running_mean, running_var, running_fp32, c,
+                            load_running<scalar_t>(running_mean, running_var, running_fp32, c), s, momentum);
 }
 
 // Training mode reading x from device memory once (NCHW). A persistent grid, all of it resident (a cooperative
@@ -981,10 +980,11 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
 #pragma unroll
   for (int j = 0; j < VEC; ++j) wb[j] = weight_bias<scalar_t, acc_t>(p, active ? c0 + j : 0);
   // The thread on row j updates channel c0 + j's running statistics at the end; loaded now, so that no thread
-  // ends on a load.
-  const bool updates = active && running_mean != nullptr && threadIdx.x / cols < VEC;
-  const Running old = updates ? load_running<scalar_t>(running_mean, running_var, running_fp32, c0 + threadIdx.x / cols)
-                              : Running{0, 0};
+  // ends on a load. (Its condition is tested again there, not kept in a flag: one more live predicate ran
+  // sm_80 out of predicate registers and into local memory.)
+  const Running old = active && running_mean != nullptr && threadIdx.x / cols < VEC
+                          ? load_running<scalar_t>(running_mean, running_var, running_fp32, c0 + threadIdx.x / cols)
+                          : Running{0, 0};
   double sum[VEC] = {};
   for (int base = threadIdx.x / cols; active && base < rows; base += step * UNROLL) {
     vec_t in[UNROLL];
@@ -1030,7 +1030,7 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
   }
 #pragma unroll
   for (int j = 0; j < VEC; ++j)
-    if (updates && threadIdx.x / cols == j)
+    if (threadIdx.x / cols == j && running_mean != nullptr)
       store_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j, old,
                               Summary<double>{double(rows), sum[j] * per_row, m2[j]}, momentum);
 }
