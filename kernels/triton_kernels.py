@@ -136,8 +136,8 @@ def flat_planes(x, layout: str, block: int) -> int:
 def normalize_flat_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps, NUMEL, C,
                           PLANE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                           BLOCK: tl.constexpr, WIDE: tl.constexpr, PLANES: tl.constexpr):
-    # 32-bit offsets unless the tensor needs more: the division and the modulo below run per element, and in
-    # 64 bits each is a long instruction sequence.
+    # 32-bit offsets unless the tensor needs more: the division below runs per element (and the modulo where
+    # PLANES is 0), and in 64 bits each is a long instruction sequence.
     pid = tl.program_id(0)
     if WIDE:
         pid = pid.to(tl.int64)
