@@ -633,6 +633,14 @@ __device__ __forceinline__ void store_running(void* running_mean, void* running_
   }
 }
 
+// Both in turn, where nothing is gained by loading early.
+template <typename scalar_t>
+__device__ __forceinline__ void update_running(void* running_mean, void* running_var, bool fp32, int64_t c,
+                                               const Summary<double>& s, double momentum) {
+  store_running<scalar_t>(running_mean, running_var, fp32, c,
+                          load_running<scalar_t>(running_mean, running_var, fp32, c), s, momentum);
+}
+
 // A warp per channel merges the channel's `parts` pieces, writes the batch mean and biased variance, and
 // updates the running statistics (when given). The merge is by sums alone, as block_summary's: the mean from
 // the counts and count-weighted means, then M2 from each piece's M2 and its spread around that mean (a merge
@@ -663,9 +671,7 @@ __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_
   if (lane != 0) return;
   mean[c] = s.mean;
   var[c] = s.m2 / s.n;
-  if (running_mean != nullptr)
-    store_running<scalar_t>(running_mean, running_var, running_fp32, c,
-                            load_running<scalar_t>(running_mean, running_var, running_fp32, c), s, momentum);
+  if (running_mean != nullptr) update_running<scalar_t>(running_mean, running_var, running_fp32, c, s, momentum);
 }
 
 // Training mode reading x from device memory once (NCHW). A persistent grid, all of it resident (a cooperative
@@ -839,9 +845,7 @@ __global__ void __launch_bounds__(FUSED_THREADS, 1) fused_nchw_kernel(
   // channel left before its barrier.
   for (int64_t c = blockIdx.x; running_mean != nullptr && c < channels; c += gridDim.x) {
     const Summary<double> t = channel_summary(c);
-    if (threadIdx.x == 0)
-      store_running<scalar_t>(running_mean, running_var, running_fp32, c,
-                              load_running<scalar_t>(running_mean, running_var, running_fp32, c), t, momentum);
+    if (threadIdx.x == 0) update_running<scalar_t>(running_mean, running_var, running_fp32, c, t, momentum);
   }
 }
 
