@@ -18,12 +18,21 @@ from experiments.environment import capture, write_csv
 from kernels import BatchNorm2d, batch_norm, cuda_kernels, functional, triton_kernels
 
 
+class CloneModule(torch.nn.Module):
+    """A module whose forward is ``x.clone()``: the floor of any module call that allocates its output."""
+
+    def forward(self, x):
+        return x.clone()
+
+
 def cases(x, backends):
     """(name, backend, callable) for every call measured."""
     c = x.size(1)
     stats = torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
     reference = torch.nn.BatchNorm2d(c).to(x.device).eval()
     yield "clone", "torch", x.clone
+    floor = CloneModule()
+    yield "nn.Module(clone)", "torch", lambda: floor(x)
     yield "empty_like", "torch", lambda: torch.empty_like(x)
     yield "F.batch_norm", "torch", lambda: F.batch_norm(x, *stats)
     yield "nn.BatchNorm2d", "torch", lambda: reference(x)
@@ -38,6 +47,11 @@ def cases(x, backends):
             kernels, config = functional._kernels(backend), functional._config_list(backend, None)
             yield "launch", backend, lambda kernels=kernels, out=out, config=config: kernels.normalize(
                 x, out, None, None, *stats, 1e-5, "nchw", config)
+        if backend == "cuda" and x.is_cuda:
+            # The hot path's bound call crossing into C++ and back with no work: a CPU input is refused at
+            # its first check.
+            bound, cpu = cuda_kernels.module().eval_forward, x.cpu()
+            yield "binding", backend, lambda: bound(cpu, None, None, *stats, 1e-5)
 
 
 def per_call_us(fn, calls: int, repeats: int, sync):

@@ -88,8 +88,8 @@ def test_host_overhead_writes_one_row_per_call(tmp_path):
     host_overhead.main(["--device", DEVICE, "--backends", "triton", "--shape", "1x4x3x3", "--calls", "2",
                         "--repeats", "2", "--out", str(out)])
     rows = list(csv.DictReader(out.open()))
-    assert [r["call"] for r in rows] == ["clone", "empty_like", "F.batch_norm", "nn.BatchNorm2d", "BatchNorm2d",
-                                          "batch_norm", "batch_norm(out=)", "launch"]
+    assert [r["call"] for r in rows] == ["clone", "nn.Module(clone)", "empty_like", "F.batch_norm",
+                                          "nn.BatchNorm2d", "BatchNorm2d", "batch_norm", "batch_norm(out=)", "launch"]
     assert float(rows[0]["ratio_to_clone"]) == 1.0 and all(float(r["us_per_call"]) > 0 for r in rows)
 
 
@@ -99,7 +99,7 @@ def test_host_overhead_python_only_takes_the_kernel_path(tmp_path):
         host_overhead.main(["--device", "cpu", "--backends", "cuda", "--python-only", "--shape", "1x4x3x3",
                             "--calls", "2", "--repeats", "2", "--out", str(out)])
     assert layout.called  # only the kernels' path lays the input out
-    assert len(list(csv.DictReader(out.open()))) == 8
+    assert len(list(csv.DictReader(out.open()))) == 9
 
 
 def test_headline_table_from_the_fixture():
