@@ -54,20 +54,24 @@ def cases(x, backends):
             yield "binding", backend, lambda: bound(cpu, None, None, *stats, 1e-5)
 
 
-def per_call_us(fn, calls: int, repeats: int, sync):
-    """Median, p20 and p80 over repeats of the mean wall-clock time per call, in microseconds."""
-    for _ in range(calls):  # warm-up: builds, JIT, allocator
-        fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def per_call_us(fns, calls: int, repeats: int, sync):
+    """For each callable: median, p20 and p80 over repeats of the mean wall-clock time per call, in
+    microseconds. The callables take turns within each repeat, so that a change in the host's speed during the
+    run reaches all of them alike."""
+    for fn in fns:  # warm-up: builds, JIT, allocator
         for _ in range(calls):
             fn()
-        sync()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    q = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
-    return statistics.median(samples), q[0], q[3]
+    sync()
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, times in zip(fns, samples):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            times.append((time.perf_counter() - start) / calls * 1e6)
+    quantiles = [statistics.quantiles(t, n=5) if len(t) > 1 else t * 4 for t in samples]
+    return [(statistics.median(t), q[0], q[3]) for t, q in zip(samples, quantiles)]
 
 
 def main(argv=None):
@@ -92,8 +96,9 @@ def main(argv=None):
             for kernels in (cuda_kernels, triton_kernels):
                 stubs.enter_context(mock.patch.object(kernels, "normalize", lambda *launch: None))
             stubs.enter_context(mock.patch.object(cuda_kernels, "eval_forward", lambda x, *args: x))
-        for name, backend, fn in cases(x, args.backends):
-            median, p20, p80 = per_call_us(fn, args.calls, args.repeats, sync)
+        names, backends, fns = zip(*cases(x, args.backends))
+        timings = per_call_us(fns, args.calls, args.repeats, sync)
+        for name, backend, (median, p20, p80) in zip(names, backends, timings):
             rows.append(dict(call=name, backend=backend, shape=args.shape, us_per_call=median, p20_us=p20, p80_us=p80))
     floor = rows[0]["us_per_call"]
     for row in rows:
