@@ -31,8 +31,8 @@ def cases(x, backends):
     stats = torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
     reference = torch.nn.BatchNorm2d(c).to(x.device).eval()
     yield "clone", "torch", x.clone
-    floor = CloneModule()
-    yield "nn.Module(clone)", "torch", lambda: floor(x)
+    clone_module = CloneModule()
+    yield "nn.Module(clone)", "torch", lambda: clone_module(x)
     yield "empty_like", "torch", lambda: torch.empty_like(x)
     yield "F.batch_norm", "torch", lambda: F.batch_norm(x, *stats)
     yield "nn.BatchNorm2d", "torch", lambda: reference(x)
