@@ -12,8 +12,8 @@ small kernel 7%").
 import argparse
 import os
 import re
-import runpy
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import List, NamedTuple
@@ -39,17 +39,21 @@ def cuobjdump() -> str:
 
 
 def source_at(rev: str = "") -> str:
-    """The kernels' CUDA source at a git revision; the working tree's for ''."""
+    """The kernels' CUDA source at a git revision (the package's source of that revision, `kernels/bn2d`, or
+    `kernels/cuda_kernels.py` before it); the working tree's for ''."""
     if not rev:
-        from kernels import cuda_kernels
+        from bn2d import cuda_module
 
-        return cuda_kernels.CUDA_SOURCE
-    text = subprocess.run(["git", "show", f"{rev}:kernels/cuda_kernels.py"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout
-    with tempfile.NamedTemporaryFile("w", suffix=".py") as module:
-        module.write(text)
-        module.flush()
-        return runpy.run_path(module.name)["CUDA_SOURCE"]
+        return cuda_module.CUDA_SOURCE
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev, "kernels"], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        package = Path(tmp, "kernels", "bn2d").is_dir()
+        code = ("from bn2d.cuda_module import CUDA_SOURCE" if package else
+                "from kernels.cuda_kernels import CUDA_SOURCE") + "; print(CUDA_SOURCE, end='')"
+        path = str(Path(tmp, "kernels")) if package else tmp
+        return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=path),
+                              capture_output=True, text=True, check=True).stdout
 
 
 def kernels(source: str, arch: str = "90") -> dict:

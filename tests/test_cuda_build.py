@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from experiments import sass
-from kernels import cuda_kernels
+from bn2d import cuda_module
 
 ROOT = Path(__file__).resolve().parents[1]
 nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="needs nvcc")
@@ -19,8 +19,9 @@ nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("C
 @nvcc
 def test_module_builds_and_imports_for_sm80_and_sm90(tmp_path):
     """A cold build in a fresh process and extension directory; the library holds sm_80 and sm_90 code."""
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), TORCH_CUDA_ARCH_LIST="8.0;9.0", PYTHONPATH=str(ROOT))
-    code = "from kernels import cuda_kernels; m = cuda_kernels.build(); print(m.__file__, m.nchw, m.channels_last, m.naive)"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), TORCH_CUDA_ARCH_LIST="8.0;9.0",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "kernels"), str(ROOT)]))
+    code = "from bn2d import cuda_module; m = cuda_module.build(); print(m.__file__, *(getattr(m, f) for f in cuda_module.FUNCTIONS))"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
     library = run.stdout.split()[0]
@@ -50,11 +51,11 @@ def test_sass(arch):
 def compile_commands(include: Path, out: Path):
     """nvcc and g++ commands that compile the module's two sources as load_inline does on PyTorch 2.1
     (which has no no_implicit_headers: it prepends torch/extension.h and torch/types.h)."""
-    functions = "\n".join(f'm.def("{f}", torch::wrap_pybind_function({f}), "{f}");' for f in cuda_kernels.FUNCTIONS)
-    (out / "main.cpp").write_text("#include <torch/extension.h>\n" + cuda_kernels.CPP_SOURCE +
+    functions = "\n".join(f'm.def("{f}", torch::wrap_pybind_function({f}), "{f}");' for f in cuda_module.FUNCTIONS)
+    (out / "main.cpp").write_text("#include <torch/extension.h>\n" + cuda_module.CPP_SOURCE +
                                   f"\nPYBIND11_MODULE(bn2d_cuda, m) {{\n{functions}\n}}\n")
     (out / "cuda.cu").write_text("#include <torch/types.h>\n#include <cuda.h>\n#include <cuda_runtime.h>\n" +
-                                 cuda_kernels.CUDA_SOURCE)
+                                 cuda_module.CUDA_SOURCE)
     includes = ["-isystem", str(include), "-isystem", str(include / "torch/csrc/api/include"),
                 "-isystem", sysconfig.get_paths()["include"]]
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")

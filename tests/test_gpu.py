@@ -4,8 +4,8 @@ import torch
 from conftest import TOLERANCE, gpu, make_params
 from torch import nn
 
-from kernels import BatchNorm2d, CudaConfig, batch_norm, cuda_kernels, output_like
-from kernels.reference import batch_norm_error, batch_norm_reference, relative_error
+from bn2d import BatchNorm2d, CudaConfig, batch_norm, cuda_module, dispatch, output_like
+from bn2d.reference import batch_norm_error, batch_norm_reference, relative_error
 
 pytestmark = gpu
 KERNELS = ["cuda", "triton"]
@@ -80,8 +80,9 @@ def test_eval_hot_path(shape, fmt, dtype, affine):
     is poisoned through the allocator: a freed block of NaNs of the same size is what it hands out next."""
     x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
     params = make_params(shape[1], affine=affine)
+    code = dispatch.cuda_eval(x, *params[2:], *params[:2]).code
     torch.empty_like(x).fill_(float("nan"))
-    y = cuda_kernels.eval_forward(x, *params[2:], *params[:2], 1e-3)
+    y = cuda_module.eval_forward(x, *params[2:], *params[:2], 1e-3, code)
     assert y is not None and y.stride() == x.stride()
     assert relative_error(y, batch_norm_reference(x, *params, eps=1e-3)) <= TOLERANCE[dtype]
 
@@ -94,10 +95,15 @@ def test_eval_hot_path_declines():
     declined = [(wide, weight, bias, mean, var), (x[:0], weight, bias, mean, var),
                 (x.clone().requires_grad_(), weight, bias, mean, var), (x, weight, bias, None, None),
                 (x, weight[:-1], bias, mean, var), (x, weight.double(), bias, mean, var)]
+    code = dispatch.cuda_eval(x, weight, bias, mean, var).code
     for args in declined:
-        assert cuda_kernels.eval_forward(*args, 1e-5) is None
+        assert cuda_module.eval_forward(*args, 1e-5, code) is None
     with torch.no_grad():
-        assert cuda_kernels.eval_forward(x.clone().requires_grad_(), weight, bias, mean, var, 1e-5) is not None
+        assert cuda_module.eval_forward(x.clone().requires_grad_(), weight, bias, mean, var, 1e-5, code) is not None
+    misaligned = torch.randn(x.numel() + 1, device="cuda")[1:].view(x.shape)  # the plan's 16-byte vectors: no
+    assert cuda_module.eval_forward(misaligned, weight, bias, mean, var, 1e-5, code) is None
+    y = batch_norm(misaligned, mean, var, weight, bias)
+    assert relative_error(y, batch_norm_reference(misaligned, mean, var, weight, bias)) <= TOLERANCE[torch.float32]
     y = batch_norm(wide, mean, var, weight, bias)
     assert relative_error(y, batch_norm_reference(wide, mean, var, weight, bias)) <= TOLERANCE[torch.float32]
     with pytest.raises(ValueError, match="weight should have 8 elements"):

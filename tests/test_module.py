@@ -6,8 +6,8 @@ import torch
 from conftest import BACKENDS, DEVICE, TOLERANCE
 from torch import nn
 
-from kernels import BatchNorm2d, batch_norm, convert, kernelbench
-from kernels.reference import relative_error
+from bn2d import BatchNorm2d, batch_norm, convert, kernelbench
+from bn2d.reference import relative_error
 
 
 def pair(backend, **kwargs):

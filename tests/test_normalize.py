@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import BACKENDS, DEVICE, SHAPES, TOLERANCE, make_layout, make_params
 
-from kernels import batch_norm, output_like, triton_kernels
-from kernels.reference import batch_norm_reference, relative_error
+from bn2d import TritonConfig, batch_norm, dispatch, explain, output_like
+from bn2d.reference import batch_norm_reference, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LAYOUTS = ["nchw", "channels_last", "strided"]
@@ -70,9 +70,11 @@ def test_triton_large_16bit(layout, shape):
     """Past FLAT_ELEMENTS, 16-bit tensors take the tile kernel, and NCHW planes that are not a whole number of
     16 elements the flat kernel with 16-byte vectors of eight."""
     x = make_layout(torch.randn(shape, device=DEVICE).half(), layout)
-    assert x.numel() > triton_kernels.FLAT_ELEMENTS
-    assert triton_kernels.flat(x, layout) == (layout == "nchw" and shape[2] == 99)
+    assert x.numel() > dispatch.FLAT_ELEMENTS
     params = make_params(shape[1])
+    flat = layout == "nchw" and shape[2] == 99
+    assert explain(x, *params, backend="triton")[0].kernels == (
+        ("normalize_flat_kernel",) if flat else ("normalize_kernel",))
     out = output_like(x, "triton").fill_(float("nan"))
     batch_norm(x, *params, backend="triton", out=out)
     assert relative_error(out, batch_norm_reference(x, *params)) <= TOLERANCE[torch.float16]
@@ -84,8 +86,8 @@ def test_triton_flat_planes(block, dtype):
     """Past FLAT_ELEMENTS, the flat kernel's programs compute scale and shift per plane (where Triton has
     tl.gather): 7x7 planes, a channel count that is not a power of two, and a last program cut short."""
     x = torch.randn(12, 1000, 7, 7, device=DEVICE, dtype=dtype)
-    assert x.numel() > triton_kernels.FLAT_ELEMENTS and x.numel() % 8192
-    assert triton_kernels.flat_planes(x, "nchw", 8192) == (256 if triton_kernels.HAS_GATHER else 0)
+    assert x.numel() > dispatch.FLAT_ELEMENTS and x.numel() % 8192
+    assert dispatch.triton_eval(x, TritonConfig(1, 8192, 4)).launch["PLANES"] == (256 if dispatch.HAS_GATHER else 0)
     params = make_params(1000)
     config = None if block is None else dict(zip(("block_r", "block_l", "num_warps"), block))
     out = output_like(x, "triton").fill_(float("nan"))

@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import BACKENDS, DEVICE, HAS_GPU, SHAPES, TOLERANCE, gpu, make_layout, make_params
 
-from kernels import CudaConfig, batch_norm, cuda_kernels, output_like, triton_kernels
-from kernels.reference import batch_norm_error, batch_stats_reference, relative_error
+from bn2d import CudaConfig, batch_norm, cuda_module, dispatch, explain, output_like, triton_kernels
+from bn2d.reference import batch_norm_error, batch_stats_reference, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 TRAINING_BACKENDS = [b for b in BACKENDS if b != "cuda_naive"]  # the naive kernel is eval only
@@ -65,7 +65,7 @@ def test_triton_finalize_over_several_steps(monkeypatch):
     step, three pieces of 20 channels (channels_last, 768 rows) need two steps in each of three programs."""
     monkeypatch.setattr(triton_kernels, "FINALIZE_PARTS", 2)
     x = make_layout(torch.randn(12, 20, 8, 8, device=DEVICE) * 2 + 3, "channels_last")
-    mean, var = triton_kernels.batch_stats(x, "channels_last", None, None, 0.1)
+    mean, var = triton_kernels.batch_stats(x, None, None, 0.1, dispatch.triton_train(x, fused=False))
     expected_mean, expected_var = batch_stats_reference(x)
     assert relative_error(mean, expected_mean) <= 1e-6
     assert relative_error(var, expected_var) <= 1e-6
@@ -87,7 +87,8 @@ GRID_CASES = [(shape, torch.float32) for shape in [(2, 3, 4, 4), (4, 5, 36, 36),
 
 
 def _fits_triton(shape, layout="nchw"):
-    return triton_kernels.read_once(torch.empty(shape, device="meta"), layout) != ""
+    x = make_layout(torch.empty(shape, device="meta"), layout)
+    return len(dispatch.triton_train(x).kernels) == 1
 
 
 ONE_KERNEL_CASES = [("triton", "channel", *c) for c in CHANNEL_CASES if _fits_triton(c[0])] + [
@@ -106,8 +107,11 @@ def test_one_kernel_training_matches_float64(backend, kernel, shape, dtype, affi
     params = make_params(shape[1], affine=affine)
     old = [p.clone() for p in params[:2]]
     y = torch.full_like(x, float("nan"))
-    kernels = cuda_kernels if backend == "cuda" else triton_kernels
-    kernels.fused_training(x, y, *params[2:], *params[:2], 0.25, 1e-5, kernel)
+    name = {"channel": "channel_kernel", "group": "channel_group_kernel", "grid": "fused_nchw_kernel"}[kernel]
+    if backend == "cuda":
+        cuda_module.fused_training(x, y, *params[2:], *params[:2], 0.25, 1e-5, dispatch.cuda_train_plan(x, y, name))
+    else:
+        triton_kernels.fused_training(x, y, *params[2:], *params[:2], 0.25, 1e-5, dispatch.triton_train_plan(x, name))
     check_training(y, x, *old, *params, momentum=0.25)
 
 
@@ -118,8 +122,9 @@ def test_batch_norm_training_paths(fused):
     statistics."""
     x = torch.randn(4, 6, 20, 20, device="cuda")
     params = make_params(6)
-    assert cuda_kernels.read_once(x, "nchw", CudaConfig(fused=fused)) == ("channel" if fused else "")
     config = CudaConfig(fused=fused)
+    assert explain(x, *params, training=True, config=config)[0].kernels[0] == (
+        "channel_kernel" if fused else "nchw_stats_kernel")
     old = [p.clone() for p in params[:2]]
     y = batch_norm(x, *params, training=True, momentum=0.5, config=config)
     check_training(y, x, *old, *params, momentum=0.5)
@@ -133,15 +138,17 @@ def test_read_once_rule():
     of each row, given at least GROUP_MIN_BLOCKS groups), the grid for large float32 NCHW channels, else three
     kernels."""
     def rule(shape, dtype=torch.float32, layout="nchw", fused=-1):
-        x = torch.empty(shape, dtype=dtype, device="meta")
-        return cuda_kernels.read_once(x, layout, CudaConfig(fused=fused))
+        x = make_layout(torch.empty(shape, dtype=dtype, device="meta"), layout)
+        kernels = dispatch.cuda_train(x, config=CudaConfig(fused=fused)).kernels
+        return {"channel_kernel": "channel", "channel_group_kernel": "group", "fused_nchw_kernel": "grid"}.get(
+            kernels[0], "")
 
     assert rule((32, 2048, 7, 7)) == rule((32, 2048, 7, 7), torch.float16) == "channel"
     assert rule((32, 2048, 7, 7), fused=0) == rule((32, 2048, 7, 7), fused=0, layout="channels_last") == ""
     assert rule((32, 2048, 7, 7), layout="channels_last") == rule((32, 512, 7, 7), layout="channels_last") == "group"
     assert rule((32, 2048, 14, 14), layout="channels_last") == rule((32, 64, 7, 7), layout="channels_last") == ""
     assert rule((32, 512, 7, 7), torch.float16, "channels_last") == ""  # 32 groups of 16 channels: too few
-    assert f"constexpr int GROUP_BYTES = {cuda_kernels.GROUP_BYTES};" in cuda_kernels.CUDA_SOURCE
+    assert f"constexpr int GROUP_BYTES = {dispatch.GROUP_BYTES};" in cuda_module.CUDA_SOURCE
     assert rule((32, 256, 56, 56)) == "" and rule((32, 256, 56, 56), fused=1) == "grid"
     assert rule((64, 64, 512, 512)) == "grid" and rule((64, 64, 512, 512), torch.float16) == ""
     assert _fits_triton((32, 2048, 14, 14)) and not _fits_triton((32, 256, 28, 28))

@@ -1,5 +1,5 @@
 """The Triton backend: the same operations as the CUDA module. Normalisation is a tile kernel or a flat one
-(the rule: `flat`), and training's batch statistics two (a statistics kernel and its finalize, below
+(the rule: `dispatch.triton_eval`), and training's batch statistics two (a statistics kernel and its finalize, below
 `normalize`).
 
 For the tile kernel both layouts are a row-major matrix of R rows by L columns:
@@ -9,39 +9,13 @@ For the tile kernel both layouts are a row-major matrix of R rows by L columns:
 
 A program of the tile kernel normalises one [BLOCK_R, BLOCK_L] tile. Small planes put many rows in one tile,
 so no program idles on a tiny plane; scale and shift are computed once per row (or column) of the tile. Most
-tensors take a flat kernel instead (below, with the rule, `flat`): the tile kernel is kept for large 16-bit ones.
+tensors take a flat kernel instead: the tile kernel is kept for large 16-bit ones.
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-
-class TritonConfig(NamedTuple):
-    """Tile shape and warps of the Triton kernels; 0 fields take the heuristic default. The flat kernel takes
-    block_r * block_l elements per program."""
-
-    block_r: int = 0  # rows per program (a power of two)
-    block_l: int = 0  # columns per program (a power of two)
-    num_warps: int = 0
-
-
-# Elements per program of the default tile: large enough that a program moves tens of kilobytes. NCHW tensors
-# of at most SMALL_ELEMENTS take a quarter of that, or their grids leave most SMs idle (1x64x112x112 in tiles
-# of 8192: 98 programs; experiments/NOTES.md, "Small tensors, a kernel of their own"). channels_last keeps
-# the large tile: its programs compute a pair per column, and a tile of fewer rows computes more per element.
-TILE_ELEMENTS = 8192
-SMALL_ELEMENTS = 1 << 22
-MAX_BLOCK_L = 4096
-
-
-def default_config(rows: int, cols: int, tile: int = TILE_ELEMENTS) -> TritonConfig:
-    """A tile of about `tile` elements: as wide as a row allows, then as many rows as fill it."""
-    block_l = min(triton.next_power_of_2(max(cols, 1)), MAX_BLOCK_L, tile)
-    block_r = min(max(tile // block_l, 1), triton.next_power_of_2(max(rows, 1)))
-    num_warps = 8 if block_r * block_l >= 8192 else 4
-    return TritonConfig(block_r, block_l, num_warps)
+from .dispatch import tile_config
 
 
 @triton.jit
@@ -101,37 +75,7 @@ def normalize_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
 
 # The flat kernel reads the tensor as one aligned array and gathers each element's scale and shift by its
 # channel, (offset // PLANE) % C with PLANE a compile-time constant (H*W for NCHW, 1 for channels_last), as
-# torch.compile's generated kernel does. A program is FLAT_WARPS warps over FLAT_BLOCK elements: one 16-byte
-# vector of float32 per thread, and twice the elements (a 16-byte vector of theirs) for 16-bit tensors over
-# FLAT_ELEMENTS, where the flat kernel serves only NCHW planes the tile kernel cannot read whole.
-FLAT_BLOCK = 512
-FLAT_WARPS = 4
-FLAT_ELEMENTS = 1 << 19
-# tl.gather (Triton 3.2 and later) lets a program compute scale and shift once per plane it touches.
-HAS_GATHER = hasattr(tl, "gather")
-
-
-def flat(x, layout: str) -> bool:
-    """Whether `normalize` takes the flat kernel; else the tile kernel. Measured on every eval point of the full
-    sweep (experiments/NOTES.md, "Triton: the flat kernel almost everywhere"): the tile kernel is faster only on
-    16-bit tensors over FLAT_ELEMENTS, where its scale and shift per row or column spare the flat kernel's four
-    gathered parameters per element -- unless NCHW planes are not a whole number of 16 elements: such rows
-    start at odd alignments, and the tile kernel loses its wide accesses."""
-    odd_planes = layout == "nchw" and x.shape[2] * x.shape[3] % 16 != 0
-    return x.element_size() > 2 or x.numel() <= FLAT_ELEMENTS or odd_planes
-
-
-def flat_planes(x, layout: str, block: int) -> int:
-    """How many planes' scale and shift a program of the flat kernel computes (a power of two covering the
-    planes `block` elements can touch), or 0: per element. Per plane for NCHW tensors over FLAT_ELEMENTS with
-    planes of more than one element (7x7 in 16-bit types 0.54-0.81x the time, float32 0.77x; experiments/NOTES.md,
-    "Triton's flat kernel: scale and shift per plane"); smaller tensors measured 3-6% slower that way."""
-    plane = x.shape[2] * x.shape[3]
-    if not HAS_GATHER or layout != "nchw" or plane == 1 or x.numel() <= FLAT_ELEMENTS:
-        return 0
-    return triton.next_power_of_2(block // plane + 2)
-
-
+# torch.compile's generated kernel does.
 @triton.jit
 def normalize_flat_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps, NUMEL, C,
                           PLANE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
@@ -160,39 +104,23 @@ def normalize_flat_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr,
     tl.store(y_ptr + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
-    """y = x * scale[c] + shift[c] for `layout` in ("nchw", "channels_last"); x and y share strides.
-    `config` holds a TritonConfig's fields in order (0: the default)."""
+def normalize(x, y, weight, bias, mean, var, eps: float, plan):
+    """y = x * scale[c] + shift[c] by an eval `plan` (dispatch.triton_eval); x and y share strides."""
     n, c, h, w = x.shape
-    numel = x.numel()
-    if numel == 0:
+    if x.numel() == 0:
         return
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    if flat(x, layout):
-        block_r, block_l, num_warps = config
-        large_16bit = x.element_size() == 2 and numel > FLAT_ELEMENTS
-        block = max(block_r, 1) * block_l or FLAT_BLOCK * (2 if large_16bit else 1)
-        normalize_flat_kernel[(triton.cdiv(numel, block),)](
-            x, y, weight, bias, mean, var, eps, numel, c, PLANE=h * w if layout == "nchw" else 1,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=acc, BLOCK=block,
-            WIDE=numel + block >= 2 ** 31, PLANES=flat_planes(x, layout, block), num_warps=num_warps or FLAT_WARPS)
+    common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32)
+    launch = dict(plan.launch)
+    if plan.kernels == ("normalize_flat_kernel",):
+        normalize_flat_kernel[(triton.cdiv(x.numel(), launch["BLOCK"]),)](
+            x, y, weight, bias, mean, var, eps, x.numel(), c, PLANE=h * w if plan.layout == "nchw" else 1,
+            **common, **launch)
         return
-    if layout == "nchw":
-        rows, cols = n * c, h * w
-    else:
-        rows, cols = n * h * w, c
-    tile = TILE_ELEMENTS // 4 if layout == "nchw" and numel <= SMALL_ELEMENTS else TILE_ELEMENTS
-    block_r, block_l, num_warps = (
-        given or default
-        for given, default in zip(config, default_config(rows, cols, tile))
-    )
-    grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_l),)
-    normalize_kernel[grid](
-        x, y, weight, bias, mean, var, eps, rows, cols, c,
-        CHANNEL_PER_ROW=layout == "nchw", HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=acc,
-        BLOCK_R=block_r, BLOCK_L=block_l, ROW_LEN=cols if cols % 16 and cols <= MAX_BLOCK_L else 0,
-        num_warps=num_warps,
-    )
+    rows, cols = launch.pop("rows"), launch.pop("cols")
+    grid = (triton.cdiv(rows, launch["BLOCK_R"]) * triton.cdiv(cols, launch["BLOCK_L"]),)
+    normalize_kernel[grid](x, y, weight, bias, mean, var, eps, rows, cols, c, CHANNEL_PER_ROW=plan.layout == "nchw",
+                           **common, **launch)
 
 
 # Training mode: per-channel batch statistics. A first kernel summarises parts of each channel as
@@ -201,8 +129,10 @@ def normalize(x, y, weight, bias, mean, var, eps: float, layout: str, config):
 # variance of 16.7 million elements -- and a second merges the parts of each channel, writes the batch mean
 # and biased variance, and updates the running statistics as PyTorch does.
 
-# channels_last: programs per channel block over the rows (enough to fill an H100 several times).
+# channels_last: programs per channel block over the rows (enough to fill an H100 several times), each a tile
+# of STATS_TILE_ELEMENTS at a time.
 STATS_ROW_CHUNKS = 512
+STATS_TILE_ELEMENTS = 8192
 # The finalize's tile: FINALIZE_PARTS pieces of FINALIZE_CHANNELS channels, so that 64 channels take 8
 # programs (one program for all 64 read 512 x 64 x 3 doubles from one SM: 40 us under ncu).
 FINALIZE_PARTS = 256
@@ -315,20 +245,21 @@ def _update_running(running_mean_ptr, running_var_ptr, c, mask, mean, unbiased_v
     tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=mask)
 
 
-def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
+def batch_stats(x, running_mean, running_var, momentum: float, plan):
     """Batch mean and biased variance per channel (float32; float64 for float64 input), and the running
-    statistics updated in place as PyTorch does (when given)."""
+    statistics updated in place as PyTorch does (when given), by a three-kernel training `plan`."""
     n, c, h, w = x.shape
+    layout = plan.layout
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if layout == "nchw":
         rows, cols = n * c, h * w
-        block_r, block_l, _ = default_config(n, cols)  # a tile of planes of one channel
+        block_r, block_l, _ = tile_config(n, cols)  # a tile of planes of one channel
         parts = triton.cdiv(n, block_r)
         grid, rows_per_chunk = (parts * c,), rows
     else:
         rows, cols = n * h * w, c
         block_l = min(triton.next_power_of_2(cols), 64)
-        block_r = max(TILE_ELEMENTS // block_l, 1)
+        block_r = max(STATS_TILE_ELEMENTS // block_l, 1)
         parts = min(STATS_ROW_CHUNKS, triton.cdiv(rows, block_r))
         rows_per_chunk = triton.cdiv(rows, parts)
         grid = (parts * triton.cdiv(cols, block_l),)
@@ -347,15 +278,10 @@ def batch_stats(x, layout: str, running_mean, running_var, momentum: float):
     return mean, var
 
 
-# Training in one program per channel (NCHW) or per GROUP_CHANNELS channels (channels_last) where that fits
-# in one tile: the program loads its channels once, takes their mean and then the spread around it from
-# registers, updates the running statistics and writes the channels normalised -- x read once, one launch.
-# Triton's counterpart of the CUDA module's block-per-channel kernels (it has none of the persistent grid's:
-# programs cannot wait for each other).
-CHANNEL_TILE_ELEMENTS = 16384
-GROUP_CHANNELS = 8
-
-
+# Training in one program per channel (NCHW) or per group of channels (channels_last) where that fits in one
+# tile (the rule: dispatch.triton_train): the program loads its channels once, takes their mean and then the
+# spread around it from registers, updates the running statistics and writes the channels normalised -- x read
+# once, one launch. Triton's counterpart of the CUDA module's block-per-channel kernels.
 @triton.jit
 def channel_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, momentum, eps, N, C, L,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr, ACC: tl.constexpr,
@@ -399,32 +325,17 @@ def channel_group_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, r
     tl.store(y_ptr + offsets, (x * scale[None, :] + shift[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def read_once(x, layout: str, config=None) -> str:
-    """"channel" (NCHW) or "group" (channels_last) where the training forward of x fits in tiles of at most
-    CHANNEL_TILE_ELEMENTS, one per channel or per GROUP_CHANNELS channels; else "" (three kernels). The rule,
-    in one place; `config` is not consulted."""
-    n, c, h, w = x.shape
-    if layout == "nchw":
-        return "channel" if triton.next_power_of_2(n) * triton.next_power_of_2(h * w) <= CHANNEL_TILE_ELEMENTS else ""
-    group = min(triton.next_power_of_2(c), GROUP_CHANNELS)
-    return "group" if triton.next_power_of_2(n * h * w) * group <= CHANNEL_TILE_ELEMENTS else ""
-
-
-def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, kernel: str):
-    """y = x normalised with its batch statistics, the running statistics updated, by `kernel` ("channel" or
-    "group", as read_once chose) reading x once."""
+def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, plan):
+    """y = x normalised with its batch statistics, the running statistics updated, by a read-once training
+    `plan` (dispatch.triton_train) reading x once."""
     n, c, h, w = x.shape
     has_running = running_mean is not None
     common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
-                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32)
+                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **plan.launch)
     running = (running_mean if has_running else x, running_var if has_running else x)
-    if kernel == "group":
-        block_r, block_c = triton.next_power_of_2(n * h * w), min(triton.next_power_of_2(c), GROUP_CHANNELS)
-        channel_group_kernel[(triton.cdiv(c, block_c),)](
-            x, y, weight, bias, *running, momentum, eps, n * h * w, c, **common, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=8 if block_r * block_c >= 4096 else 4)
+    if plan.kernels == ("channel_group_kernel",):
+        channel_group_kernel[(triton.cdiv(c, plan.launch["BLOCK_C"]),)](
+            x, y, weight, bias, *running, momentum, eps, n * h * w, c, **common)
         return
-    block_n, block_l = triton.next_power_of_2(n), triton.next_power_of_2(h * w)
-    channel_kernel[(c,)](
-        x, y, weight, bias, *running, momentum, eps, n, c, h * w, **common, BLOCK_N=block_n, BLOCK_L=block_l,
-        ROW_LEN=h * w if h * w % 16 else 0, num_warps=8 if block_n * block_l >= 4096 else 4)
+    channel_kernel[(c,)](x, y, weight, bias, *running, momentum, eps, n, c, h * w, **common,
+                         ROW_LEN=h * w if h * w % 16 else 0)
