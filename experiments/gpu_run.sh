@@ -1,35 +1,66 @@
 #!/usr/bin/env bash
-# On a GPU machine, in one go: build and JIT costs (the CUDA module's cold build is then reused), host
-# overhead per call, the whole test suite (GPU tests included; TESTS=0 skips it), the KernelBench check, a
-# sweep, and its figures (PLOT=0 skips them).
-# Everything goes to $OUT (default experiments/results/gpu; with PLOT=0, seven files); the environment and
-# build costs print first, a short table last. Rerunning with the same $OUT resumes the sweep.
-#   bash experiments/gpu_run.sh [sweep arguments, default: --preset smoke]
+# On a GPU machine, the steps asked for, in order, in one go: each writes its family's CSV (or the test log)
+# to $OUT (default experiments/results/gpu), named for the GPU; the log of everything goes to $OUT/run.log; a
+# short table prints last. A step rerun with the same $OUT resumes (the sweeps skip rows they hold).
+#   bash experiments/gpu_run.sh [STEP ...]      (default: env tests build host kernelbench eval train backward models)
+# Steps:
+#   env         the GPU, driver, clocks and versions
+#   tests       the whole test suite, GPU tests included            -> gpu-tests.log
+#   build       the CUDA module's cold build and warm load, Triton's JIT   -> build_<gpu>.csv
+#   host        host time per call                                  -> host_<gpu>.csv
+#   kernelbench KernelBench problem 33's local check                -> kernelbench_<gpu>.csv
+#   eval, train the quick eval / training-forward sweep             -> eval_<gpu>.csv, train_<gpu>.csv
+#   backward    fwd+bwd with autograd over ResNet-50's BatchNorm shapes -> train_<gpu>.csv
+#   models      torchvision ResNet-50 end to end                    -> models_<gpu>.csv
+#   base        the quick eval and training sweeps at another revision, variant "base": its kernels/ package
+#               extracted to .base/bn2d (git archive REV kernels), carried to the machine
+# Variables: VARIANT (the sweeps' variant column, default "default"), SWEEP_ARGS (more sweep arguments, e.g.
+# --part 1/2), BACKWARD_ARGS, MODELS_ARGS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-experiments/results/gpu}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TORCH_EXTENSIONS_DIR="$(mktemp -d)"  # empty: the first build is cold, whatever the machine has cached
+export PYTHONPATH="$PWD/kernels:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(mktemp -d)}"
+gpu=$(python -c "from experiments.environment import gpu_tag; import torch; print(gpu_tag(torch.cuda.get_device_name(0)))")
+variant="${VARIANT:-default}"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(env tests build host kernelbench eval train backward models)
+failed=()
+log="$out/run.log"
 
-python -m experiments.environment
-python -m experiments.build_cost --extensions-dir "$TORCH_EXTENSIONS_DIR" --out "$out/build_cost.csv" 2>&1
-python -m experiments.host_overhead --out "$out/host_overhead.csv"
-tests=0
-if [ "${TESTS:-1}" = 1 ]; then
-  python -m pytest tests -rs -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"  # not -q: the header names the environment
-  tests=${PIPESTATUS[0]}
-fi
-python -m experiments.kernelbench check --out "$out/kernelbench.csv" > "$out/kernelbench.log" 2>&1
-kernelbench=$?
-args=("$@")
-[ ${#args[@]} -eq 0 ] && args=(--preset smoke)
-python -m experiments.sweep "${args[@]}" --out "$out/sweep.csv" > "$out/sweep.log" 2>&1
-sweep=$?
-if [ "${PLOT:-1}" = 1 ]; then
-  python -m experiments.plot --sweep "$out/sweep.csv" --grids --build "$out/build_cost.csv" --out "$out/figures" > "$out/plot.log" 2>&1
-fi
-[ -f "$out/gpu-tests.log" ] && echo "== $(grep -E 'passed|failed' "$out/gpu-tests.log" | tail -1)"
-tail -8 "$out/kernelbench.log"
-grep -A200 "% of copy" "$out/sweep.log" || tail -30 "$out/sweep.log"
-exit $(( tests || kernelbench || sweep ))
+run() {  # run NAME COMMAND...: the command's output to the log, its failure remembered
+  local name=$1
+  shift
+  echo "== $name: $*" | tee -a "$log"
+  local start=$SECONDS
+  "$@" >>"$log" 2>&1 || failed+=("$name")
+  echo "   $name: $((SECONDS - start)) s" | tee -a "$log"
+}
+
+for step in "${steps[@]}"; do
+  case $step in
+    env) run env python -m experiments.environment ;;
+    tests) run tests bash -c "python -m pytest tests -rs -p no:cacheprovider 2>&1 | tee $out/gpu-tests.log >/dev/null; exit \${PIPESTATUS[0]}" ;;
+    build) run build python -m experiments.build_cost --extensions-dir "$(mktemp -d)" --out "$out/build_$gpu.csv" ;;
+    host) run host python -m experiments.host_overhead --out "$out/host_$gpu.csv" ;;
+    kernelbench) run kernelbench python -m experiments.kernelbench check --out "$out/kernelbench_$gpu.csv" ;;
+    eval) run eval python -m experiments.sweep --preset quick --modes eval --variant "$variant" ${SWEEP_ARGS:-} --out "$out/eval_$gpu.csv" ;;
+    train) run train python -m experiments.sweep --preset quick --modes train --variant "$variant" ${SWEEP_ARGS:-} --out "$out/train_$gpu.csv" ;;
+    backward) run backward python -m experiments.sweep --preset resnet50 --modes train_backward --variant "$variant" ${BACKWARD_ARGS:-} --out "$out/train_$gpu.csv" ;;
+    models) run models python -m experiments.models ${MODELS_ARGS:-} --out "$out/models_$gpu.csv" ;;
+    base)
+      for mode in eval train; do
+        run "base $mode" env PYTHONPATH="$PWD/.base:$PWD" TORCH_EXTENSIONS_DIR="$(mktemp -d)" python -m experiments.sweep \
+          --preset quick --modes $mode --variant base ${SWEEP_ARGS:-} --out "$out/${mode}_$gpu.csv"
+      done ;;
+    *) echo "unknown step $step" | tee -a "$log"; failed+=("$step") ;;
+  esac
+done
+
+[ -f "$out/gpu-tests.log" ] && echo "tests: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu-tests.log" | tail -1)"
+grep -E "FAILED|Error" "$out/gpu-tests.log" 2>/dev/null | head -20
+for family in eval train models; do
+  [ -f "$out/${family}_$gpu.csv" ] && python -m experiments.sweep --summary "$out/${family}_$gpu.csv" 2>/dev/null | tail -25
+done
+[ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]} (see run.log)"; tail -30 "$log"; exit 1; }

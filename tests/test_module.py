@@ -176,3 +176,14 @@ def test_kernelbench_interface():
     new.load_state_dict(ref.state_dict())
     small = torch.rand(2, 64, 3, 3, device=DEVICE)
     assert torch.allclose(ref.to(DEVICE)(small), new.to(DEVICE)(small), atol=1e-5)
+
+
+def test_triton_interpret_set_after_import(monkeypatch):
+    """The Triton kernels were defined as the interpreter's or a GPU's at import: setting TRITON_INTERPRET later
+    says so, instead of Triton's '0 active drivers'."""
+    from bn2d import functional
+
+    monkeypatch.setattr(functional, "_INTERPRETED", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after bn2d was imported"):
+        batch_norm(torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3), backend="triton")

@@ -153,10 +153,13 @@ GROUP_MIN_BLOCKS = 64  # fewer channel groups than this ran slower than three ke
 GRID_MIN_CHANNEL_BYTES = 32 << 20
 
 
-def cuda_train(x, y=None, config: CudaConfig = CudaConfig()) -> Plan:
-    """The CUDA training-forward plan for x laid out as layout_of(x) (y: the output, None for a fresh one)."""
+def cuda_train(x, y=None, config: CudaConfig = CudaConfig(), save: bool = False) -> Plan:
+    """The CUDA training-forward plan for x laid out as layout_of(x) (y: the output, None for a fresh one);
+    `save`: one that gives the batch statistics, which the read-once kernels do not."""
     n, c, h, w = x.shape
     layout, channel_bytes = layout_of(x), n * h * w * x.element_size()
+    if save:
+        config = config._replace(fused=0)
     if config.fused != 0 and layout == "channels_last":
         row_bytes = c * x.element_size()
         if (n * h * w * min(row_bytes, GROUP_BYTES) <= CHANNEL_BLOCK_BYTES
@@ -261,7 +264,8 @@ GROUP_CHANNELS = 8
 
 
 def triton_train(x, fused: bool = True) -> Plan:
-    """The Triton training-forward plan for x; fused=False: the three-kernel one."""
+    """The Triton training-forward plan for x (its read-once kernels also give the batch statistics, for the
+    backward); fused=False: the three-kernel one."""
     n, c, h, w = x.shape
     layout = layout_of(x)
     tile = triton.next_power_of_2(n) * triton.next_power_of_2(h * w) if layout == "nchw" else (

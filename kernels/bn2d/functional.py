@@ -76,10 +76,10 @@ def explain(input: Tensor, running_mean: Optional[Tensor] = None, running_var: O
     x = _dense(input, backend)
     if not training:
         return [_eval_plan(x, running_mean, running_var, weight, bias, out, backend, config)]
-    plan = _train_plan(x, out, backend, config, fused=not _needs_grad(x, weight, bias))
+    plan = _train_plan(x, out, backend, config, save=_needs_grad(x, weight, bias))
     if len(plan.kernels) > 1:
-        stats = torch.empty(x.size(1), device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
-        return [plan, _eval_plan(x, stats, stats, weight, bias, out, backend, config)]
+        mean, var = _stats_like(x)
+        return [plan, _eval_plan(x, mean, var, weight, bias, out, backend, config)]
     return [plan]
 
 
@@ -151,13 +151,13 @@ def _eval_plan(x, mean, var, weight, bias, out, backend, config) -> Plan:
     return dispatch.cuda_eval(x, weight, bias, mean, var, out, config)
 
 
-def _train_plan(x, out, backend, config, fused: bool = True) -> Plan:
-    """The training-forward plan; fused=False: the three-kernel one (statistics, then an eval plan)."""
+def _train_plan(x, out, backend, config, save: bool = False) -> Plan:
+    """The training-forward plan; `save`: one that gives the batch statistics (for the backward)."""
     if backend == "cuda_naive":
         raise ValueError("the cuda_naive backend runs eval mode only (training=False)")
     if backend == "triton":
-        return dispatch.triton_train(x, fused)
-    return dispatch.cuda_train(x, out, config if fused else config._replace(fused=0))
+        return dispatch.triton_train(x)
+    return dispatch.cuda_train(x, out, config, save)
 
 
 def _launch(x, y, mean, var, weight, bias, eps, backend, config):
@@ -186,13 +186,21 @@ def _memory_format(x):
 def _train(x, y, weight, bias, running_mean, running_var, momentum, eps, backend, config, save: bool = False):
     """The training forward of dense x into y by the plan's kernels; with `save`, returns the batch mean and
     biased variance (which the backward needs)."""
-    plan = _train_plan(x, y, backend, config, fused=not save)
+    plan = _train_plan(x, y, backend, config, save)
     if len(plan.kernels) == 1:
-        _kernels(backend).fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps, plan)
-        return None
+        stats = _stats_like(x) if save else None
+        _kernels(backend).fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps, plan,
+                                         *(() if stats is None else (stats,)))
+        return stats
     mean, var = _kernels(backend).batch_stats(x, running_mean, running_var, momentum, plan)
     _launch(x, y, mean, var, weight, bias, eps, backend, config)
     return mean, var
+
+
+def _stats_like(x):
+    """Empty batch mean and variance for x: float32, float64 for float64 input."""
+    mean = x.new_empty(x.size(1), dtype=torch.promote_types(x.dtype, torch.float32))
+    return mean, torch.empty_like(mean)
 
 
 def _normalize_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -281,8 +289,7 @@ def _train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], run
 
 
 def _train_fake(x, weight, bias, running_mean, running_var, momentum, eps, backend, config):
-    stats = x.new_empty(x.size(1), dtype=torch.promote_types(x.dtype, torch.float32))
-    return output_like(x, backend), stats, torch.empty_like(stats)
+    return output_like(x, backend), *_stats_like(x)
 
 
 def _backward(dy, x, mean, var, weight, eps, training, needs_x, needs_weight, needs_bias, backend, bias_dtype):
@@ -366,7 +373,16 @@ def _needs_grad(*tensors) -> bool:
 def _runs_kernels(x: Tensor, backend: str) -> bool:
     if backend == "torch":
         return False
-    return x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+    if x.is_cuda or backend != "triton" or os.environ.get("TRITON_INTERPRET") != "1":
+        return x.is_cuda
+    if not _INTERPRETED:
+        raise RuntimeError("bn2d: TRITON_INTERPRET=1 was set after bn2d was imported, so its Triton kernels were "
+                           "compiled for a GPU; set it before importing bn2d (in the shell, or first in the script)")
+    return True
+
+
+# Triton decides at a kernel's definition whether its interpreter runs it: here, as bn2d is imported.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_call(x, running_mean, running_var, weight, bias, training, backend):

@@ -284,8 +284,9 @@ def batch_stats(x, running_mean, running_var, momentum: float, plan):
 # once, one launch. Triton's counterpart of the CUDA module's block-per-channel kernels.
 @triton.jit
 def channel_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, momentum, eps, N, C, L,
-                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ROW_LEN: tl.constexpr):
+                   save_mean_ptr, save_var_ptr,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr, SAVE: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ROW_LEN: tl.constexpr):
     if ROW_LEN:  # as in normalize_kernel: a compile-time row length keeps the rows' alignment known
         L = ROW_LEN
     c = tl.program_id(0).to(tl.int64)
@@ -298,6 +299,9 @@ def channel_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
     d = tl.where(mask, x - mean, 0.0)
     var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
+    if SAVE:  # the batch statistics, for the backward
+        tl.store(save_mean_ptr + c, mean)
+        tl.store(save_var_ptr + c, var)
     if HAS_RUNNING:
         _update_running(running_mean_ptr, running_var_ptr, c, True, mean, var * count / tl.maximum(count - 1, 1),
                         momentum)
@@ -307,8 +311,9 @@ def channel_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running
 
 @triton.jit
 def channel_group_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, momentum, eps, R, C,
+                         save_mean_ptr, save_var_ptr,
                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                         SAVE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     rows = tl.arange(0, BLOCK_R)
     c_mask = c < C
@@ -318,6 +323,9 @@ def channel_group_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, r
     mean = tl.sum(x, axis=0) / R
     d = tl.where(mask, x - mean[None, :], 0.0)
     var = tl.sum(d * d, axis=0) / R
+    if SAVE:  # the batch statistics, for the backward
+        tl.store(save_mean_ptr + c, mean, mask=c_mask)
+        tl.store(save_var_ptr + c, var, mask=c_mask)
     if HAS_RUNNING:
         _update_running(running_mean_ptr, running_var_ptr, c, c_mask, mean, var * R / tl.maximum(R - 1, 1),
                         momentum)
@@ -325,17 +333,18 @@ def channel_group_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, r
     tl.store(y_ptr + offsets, (x * scale[None, :] + shift[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, plan):
+def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, plan, save=None):
     """y = x normalised with its batch statistics, the running statistics updated, by a read-once training
-    `plan` (dispatch.triton_train) reading x once."""
+    `plan` (dispatch.triton_train) reading x once; `save`: (mean, var) to receive the batch statistics."""
     n, c, h, w = x.shape
     has_running = running_mean is not None
     common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
-                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **plan.launch)
+                  SAVE=save is not None, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **plan.launch)
     running = (running_mean if has_running else x, running_var if has_running else x)
+    saved = save if save is not None else (x, x)
     if plan.kernels == ("channel_group_kernel",):
         channel_group_kernel[(triton.cdiv(c, plan.launch["BLOCK_C"]),)](
-            x, y, weight, bias, *running, momentum, eps, n * h * w, c, **common)
+            x, y, weight, bias, *running, momentum, eps, n * h * w, c, *saved, **common)
         return
-    channel_kernel[(c,)](x, y, weight, bias, *running, momentum, eps, n, c, h * w, **common,
+    channel_kernel[(c,)](x, y, weight, bias, *running, momentum, eps, n, c, h * w, *saved, **common,
                          ROW_LEN=h * w if h * w % 16 else 0)
