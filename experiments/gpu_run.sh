@@ -15,7 +15,7 @@
 #   base        the quick eval and training sweeps at another revision, variant "base": its kernels/ package
 #               extracted to .base/bn2d (git archive REV kernels), carried to the machine
 # Variables: VARIANT (the sweeps' variant column, default "default"), SWEEP_ARGS (more sweep arguments, e.g.
-# --part 1/2), BACKWARD_ARGS, MODELS_ARGS.
+# --part 1/2), BACKWARD_ARGS, MODELS_ARGS, TESTS_TIMEOUT (seconds; 0: none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-experiments/results/gpu}"
@@ -41,7 +41,7 @@ run() {  # run NAME COMMAND...: the command's output to the log, its failure rem
 for step in "${steps[@]}"; do
   case $step in
     env) run env python -m experiments.environment ;;
-    tests) run tests bash -c "python -m pytest tests -rs -p no:cacheprovider 2>&1 | tee $out/gpu-tests.log >/dev/null; exit \${PIPESTATUS[0]}" ;;
+    tests) run tests bash -c "timeout ${TESTS_TIMEOUT:-0} python -m pytest tests -rs -p no:cacheprovider 2>&1 | tee $out/gpu-tests.log >/dev/null; exit \${PIPESTATUS[0]}" ;;
     build) run build python -m experiments.build_cost --extensions-dir "$(mktemp -d)" --out "$out/build_$gpu.csv" ;;
     host) run host python -m experiments.host_overhead --out "$out/host_$gpu.csv" ;;
     kernelbench) run kernelbench python -m experiments.kernelbench check --out "$out/kernelbench_$gpu.csv" ;;
@@ -60,7 +60,17 @@ done
 
 [ -f "$out/gpu-tests.log" ] && echo "tests: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu-tests.log" | tail -1)"
 grep -E "FAILED|Error" "$out/gpu-tests.log" 2>/dev/null | head -20
-for family in eval train models; do
-  [ -f "$out/${family}_$gpu.csv" ] && python -m experiments.sweep --summary "$out/${family}_$gpu.csv" 2>/dev/null | tail -25
-done
+python - "$out" "$gpu" <<'PY'  # the short table: median % of copy per family, mode, variant and backend
+import sys, pathlib, pandas as pd
+out, gpu = sys.argv[1:]
+for family in ("eval", "train"):
+    path = pathlib.Path(out, f"{family}_{gpu}.csv")
+    if path.exists():
+        df = pd.read_csv(path)
+        print(df.groupby(["mode", "variant", "dtype", "backend"])["pct_of_copy"].median().unstack().round(0))
+path = pathlib.Path(out, f"models_{gpu}.csv")
+if path.exists():
+    print(pd.read_csv(path).pivot_table(index=["model", "task", "dtype", "layout", "batch"], columns="backend",
+                                        values="median_ms").round(2))
+PY
 [ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]} (see run.log)"; tail -30 "$log"; exit 1; }

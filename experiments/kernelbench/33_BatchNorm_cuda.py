@@ -114,7 +114,7 @@ struct BackwardLaunch {
   bool grads_fp32;
   bool training;  // mean and var are the batch's: their gradients fold into dx
   int64_t numel, channels, plane;
-  bool channels_last;  // NHWC memory (also NCHW with 1x1 planes)
+  bool channels_last;  // indexed as NHWC (the group kernel; the three kernels also for NCHW with 1x1 planes)
   // Reduce: acc_t (float32; float64 for float64 input), 2 * backward_parts() * channels partial sums, then
   // (where dx is asked) 4 * channels coefficients.
   void* workspace;
@@ -1426,9 +1426,18 @@ constexpr int BACKWARD_BLOCKS_PER_SM = STATS_BLOCKS_PER_SM;
 // bits left (mean 100, spread 1: seven of them lost).
 struct Gradient { double invstd, a, b, k; };
 
+// 1 / sqrt(v) in float64 without the library's rsqrt, whose call to a slow path spills the registers live
+// across it: float32's estimate (2 ulp) refined by two Newton steps, each doubling the correct bits. v must lie
+// in float32's normal range, as var + eps does for any eps >= 1e-38 and data of magnitude below 1e19.
+__device__ __forceinline__ double invsqrt(double v) {
+  double y = double(rsqrtf(float(v)));
+  y = y * (1.5 - 0.5 * v * y * y);
+  return y * (1.5 - 0.5 * v * y * y);
+}
+
 __device__ __forceinline__ Gradient gradient_of(double weight, double var, double eps, double sum_dy,
                                                 double sum_dy_xmu, double per_value, bool training) {
-  const double invstd = 1.0 / sqrt(var + eps);
+  const double invstd = invsqrt(var + eps);
   const double a = weight * invstd;
   if (!training) return {invstd, a, 0.0, 0.0};
   return {invstd, a, -a * invstd * invstd * sum_dy_xmu * per_value, -a * sum_dy * per_value};
@@ -1468,7 +1477,10 @@ __global__ void __launch_bounds__(BACKWARD_THREADS, BACKWARD_BLOCKS_PER_SM) nchw
   const acc_t mean = load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, c);
   const vec_t* dyv = reinterpret_cast<const vec_t*>(dy);
   const vec_t* xv = reinterpret_cast<const vec_t*>(x);
-  acc_t sum_dy = 0, sum_dy_xmu = 0;
+  // A step's sums in acc_t, the thread's running sums of them in float64: a thread of this one-wave grid may
+  // take 10^5 values of a channel (2^31 elements, two channels), and a float32 running sum of that many steps
+  // loses ~1e-5 of a sum of random signs.
+  double sum_dy = 0, sum_dy_xmu = 0;
   for (int64_t base = part * chunk + threadIdx.x; base < end; base += int64_t(blockDim.x) * UNROLL) {
     vec_t g[UNROLL], v[UNROLL];
 #pragma unroll
@@ -1479,7 +1491,6 @@ __global__ void __launch_bounds__(BACKWARD_THREADS, BACKWARD_BLOCKS_PER_SM) nchw
       g[u] = dyv[at];
       v[u] = xv[at];
     }
-    // A step's sums apart, then added: the running sums take one rounding per step, not one per element.
     acc_t step_dy = 0, step_dy_xmu = 0;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
@@ -1493,8 +1504,8 @@ __global__ void __launch_bounds__(BACKWARD_THREADS, BACKWARD_BLOCKS_PER_SM) nchw
     sum_dy += step_dy;
     sum_dy_xmu += step_dy_xmu;
   }
-  const double total_dy = block_sum(double(sum_dy), scratch);
-  const double total_dy_xmu = block_sum(double(sum_dy_xmu), scratch);
+  const double total_dy = block_sum(sum_dy, scratch);
+  const double total_dy_xmu = block_sum(sum_dy_xmu, scratch);
   if (threadIdx.x == 0) {
     partial[part * channels + c] = acc_t(total_dy);
     partial[(parts + part) * channels + c] = acc_t(total_dy_xmu);
@@ -1520,7 +1531,11 @@ __global__ void __launch_bounds__(BACKWARD_THREADS, BACKWARD_BLOCKS_PER_SM) chan
   acc_t mean[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) mean[j] = load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, first + j);
-  acc_t sum_dy[VEC] = {}, sum_dy_xmu[VEC] = {};
+  // The thread's running sums in float64 where registers allow it (at most two channels a thread: rows of single
+  // elements -- so also the fewest channels, where a thread takes the most rows -- or float64 pairs), else
+  // acc_t: 16-byte vectors of 16-bit channels would take 16 more registers, past this kernel's 128.
+  using sum_t = std::conditional_t<(VEC <= 2), double, acc_t>;
+  sum_t sum_dy[VEC] = {}, sum_dy_xmu[VEC] = {};
   for (int64_t base = int64_t(blockIdx.y) * height + threadIdx.x / cols; active && base < rows; base += step * UNROLL) {
     vec_t g[UNROLL], v[UNROLL];
 #pragma unroll
@@ -1684,9 +1699,11 @@ __global__ void __launch_bounds__(BACKWARD_THREADS) channels_last_backward_eleme
 // The backward reading dy and x from device memory once, for a channel that fits in shared memory (NCHW): a
 // block per channel loads both while summing them, keeping them in shared memory where dx needs them again
 // (training: its coefficients need the channel's sums), then writes dx from there. Frozen, dx = dy * a needs
-// no sums and is written as dy arrives; x is read only for dweight. One launch, no workspace.
+// no sums and is written as dy arrives; x is read only for dweight. One launch, no workspace. Launch bounds
+// with a minimum of one block: without it, ptxas held the float64 builds of both read-once kernels to 64
+// registers on sm_90 and spilled a value live across the loop (experiments.sass).
 template <typename scalar_t, int VEC, bool FROZEN>
-__global__ void __launch_bounds__(CHANNEL_THREADS) channel_backward_kernel(
+__global__ void __launch_bounds__(CHANNEL_THREADS, 1) channel_backward_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, const Params p,
     void* dweight, void* dbias, bool grads_fp32, int64_t channels, int units, int64_t plane_vecs,
     FastDiv plane_div, double per_value) {
@@ -1704,7 +1721,7 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_backward_kernel(
   const acc_t var = load_param<scalar_t, acc_t>(p.var, p.stats_fp32, c);
   const acc_t weight = p.has_weight ? load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, c) : acc_t(1);
   const bool writes = dx != nullptr, reads_x = !FROZEN || dweight != nullptr;
-  const acc_t frozen_a = FROZEN ? acc_t(double(weight) / sqrt(double(var) + p.eps)) : acc_t(0);
+  const acc_t frozen_a = FROZEN ? acc_t(double(weight) * invsqrt(double(var) + p.eps)) : acc_t(0);
   auto at = [&](int i) {  // the offset of the channel's i-th vector in dy, x and dx
     const uint32_t n = plane_div(uint32_t(i));
     return (int64_t(n) * channels + c) * plane_vecs + (i - int64_t(n) * plane_vecs);
@@ -1743,7 +1760,8 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_backward_kernel(
   const double total_dy = block_sum(double(sum_dy), scratch);
   const double total_dy_xmu = block_sum(double(sum_dy_xmu), scratch);
   const Gradient gr = gradient_of(weight, var, p.eps, total_dy, total_dy_xmu, per_value, !FROZEN);
-  if (threadIdx.x == 0 && dweight != nullptr) store_gradient<scalar_t>(dweight, grads_fp32, c, total_dy_xmu * gr.invstd);
+  if (threadIdx.x == 0 && dweight != nullptr)
+    store_gradient<scalar_t>(dweight, grads_fp32, c, total_dy_xmu * gr.invstd);
   if (threadIdx.x == 0 && dbias != nullptr) store_gradient<scalar_t>(dbias, grads_fp32, c, total_dy);
   if (FROZEN || !writes) return;
   const acc_t a = acc_t(gr.a), b = acc_t(gr.b), k = acc_t(gr.k);
@@ -1761,7 +1779,7 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_backward_kernel(
 // GROUP_BYTES-wide columns (one 32-byte sector per row), thread t on column t % cols of every
 // (blockDim.x / cols)-th row, as channel_group_kernel does; the column sums of both (column_sums) in one go.
 template <typename scalar_t, int VEC, bool FROZEN>
-__global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_backward_kernel(
+__global__ void __launch_bounds__(CHANNEL_THREADS, 1) channel_group_backward_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, const Params p,
     void* dweight, void* dbias, bool grads_fp32, int64_t channels, int rows, int cols, double per_value) {
   using acc_t = typename Acc<scalar_t>::type;
@@ -1777,19 +1795,19 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_backward_kernel
   const vec_t* xv = reinterpret_cast<const vec_t*>(x) + c0 / VEC;
   vec_t* dxv = reinterpret_cast<vec_t*>(dx) + c0 / VEC;
   const bool writes = dx != nullptr, reads_x = !FROZEN || dweight != nullptr;
-  // In flight while dy and x are summed (channel 0's, unused, past the last channel).
-  acc_t mean[VEC], var[VEC], weight[VEC];
+  auto channel = [&](int j) { return active ? c0 + j : int64_t(0); };  // channel 0's, unused, past the last
+  acc_t mean[VEC], a[VEC];  // a: frozen dx = dy * a, known before the loop
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const int64_t c = active ? c0 + j : 0;
-    mean[j] = load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, c);
-    var[j] = load_param<scalar_t, acc_t>(p.var, p.stats_fp32, c);
-    weight[j] = p.has_weight ? load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, c) : acc_t(1);
+    mean[j] = load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, channel(j));
+    if (FROZEN) {
+      const acc_t weight = p.has_weight ? load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, channel(j)) : acc_t(1);
+      const acc_t var = load_param<scalar_t, acc_t>(p.var, p.stats_fp32, channel(j));
+      a[j] = acc_t(double(weight) * invsqrt(double(var) + p.eps));
+    }
   }
-  acc_t frozen_a[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) frozen_a[j] = FROZEN ? acc_t(double(weight[j]) / sqrt(double(var[j]) + p.eps)) : acc_t(0);
-  double sum[2 * VEC] = {};  // sum(dy) of each channel, then sum(dy * (x - mean))
+  // Each thread's sums in acc_t (a column has at most a few rows per thread), the block's in float64.
+  acc_t sum[2 * VEC] = {};  // sum(dy) of each channel, then sum(dy * (x - mean))
   for (int base = threadIdx.x / cols; active && base < rows; base += step * UNROLL) {
     vec_t g[UNROLL], v[UNROLL];
 #pragma unroll
@@ -1798,7 +1816,6 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_backward_kernel
       g[u] = dyv[o];
       v[u] = reads_x ? xv[o] : vec_t{};
     }
-    acc_t part[2 * VEC] = {};
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int r = base + u * step;
@@ -1807,9 +1824,9 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_backward_kernel
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const acc_t d = to_acc(g[u].v[j]);
-        part[j] += d;
-        part[VEC + j] += d * (to_acc(v[u].v[j]) - mean[j]);
-        if (FROZEN) from_acc(d * frozen_a[j], out.v[j]);
+        sum[j] += d;
+        sum[VEC + j] += d * (to_acc(v[u].v[j]) - mean[j]);
+        if (FROZEN) from_acc(d * a[j], out.v[j]);
       }
       if (FROZEN && writes) dxv[int64_t(r) * row_vecs] = out;
       if (!FROZEN && writes) {
@@ -1817,24 +1834,32 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_backward_kernel
         stash_x[r * cols + col] = v[u];
       }
     }
-#pragma unroll
-    for (int j = 0; j < 2 * VEC; ++j) sum[j] += part[j];
   }
-  column_sums(sum, cols, scratch);
+  // Loaded here, in flight across the column sums: held through the loop, training's 16-bit build spilled.
+  acc_t var[VEC], weight[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    var[j] = load_param<scalar_t, acc_t>(p.var, p.stats_fp32, channel(j));
+    weight[j] = p.has_weight ? load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, channel(j)) : acc_t(1);
+  }
+  double total[2 * VEC];
+#pragma unroll
+  for (int j = 0; j < 2 * VEC; ++j) total[j] = sum[j];
+  column_sums(total, cols, scratch);
   if (!active) return;
   // The thread on row j writes channel c0 + j's dweight and dbias.
 #pragma unroll
   for (int j = 0; j < VEC; ++j)
     if (threadIdx.x / cols == j) {
-      const double invstd = 1.0 / sqrt(double(var[j]) + p.eps);
-      if (dweight != nullptr) store_gradient<scalar_t>(dweight, grads_fp32, c0 + j, sum[VEC + j] * invstd);
-      if (dbias != nullptr) store_gradient<scalar_t>(dbias, grads_fp32, c0 + j, sum[j]);
+      const double invstd = invsqrt(double(var[j]) + p.eps);
+      if (dweight != nullptr) store_gradient<scalar_t>(dweight, grads_fp32, c0 + j, total[VEC + j] * invstd);
+      if (dbias != nullptr) store_gradient<scalar_t>(dbias, grads_fp32, c0 + j, total[j]);
     }
   if (FROZEN || !writes) return;
-  acc_t a[VEC], b[VEC], k[VEC];
+  acc_t b[VEC], k[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const Gradient gr = gradient_of(weight[j], var[j], p.eps, sum[j], sum[VEC + j], per_value, true);
+    const Gradient gr = gradient_of(weight[j], var[j], p.eps, total[j], total[VEC + j], per_value, true);
     a[j] = acc_t(gr.a);
     b[j] = acc_t(gr.b);
     k[j] = acc_t(gr.k);
@@ -1870,12 +1895,12 @@ int backward_vec(const BackwardLaunch& l, bool half) {
   return 1;
 }
 
-// `f` with the compile-time vector width `vec` (one of backward_vec's).
-template <typename scalar_t, typename F>
+// `f` with the compile-time vector width `vec` (one of backward_vec's; HALF: half vectors built too).
+template <typename scalar_t, bool HALF, typename F>
 cudaError_t with_vec(int vec, F&& f) {
   constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
   if (vec == VEC) return f(std::integral_constant<int, VEC>());
-  if constexpr (VEC > 2) {
+  if constexpr (HALF && VEC > 2) {
     if (vec == VEC / 2) return f(std::integral_constant<int, VEC / 2>());
   }
   return f(std::integral_constant<int, 1>());
@@ -1893,7 +1918,8 @@ BackwardGrid reduce_grid(const BackwardLaunch& l) {
   if (!l.channels_last) {
     const int vec = backward_vec(l, true);
     const int64_t units = rows / vec;
-    const int64_t parts = std::max<int64_t>(std::min(cdiv(blocks, l.channels), cdiv(units, BACKWARD_THREADS * UNROLL)), 1);
+    const int64_t parts =
+        std::max<int64_t>(std::min(cdiv(blocks, l.channels), cdiv(units, BACKWARD_THREADS * UNROLL)), 1);
     const int64_t chunk = cdiv(units, parts);
     return {vec, 0, l.channels, cdiv(units, chunk), chunk};  // no empty piece
   }
@@ -1911,18 +1937,21 @@ cudaError_t reduce_launch(const BackwardLaunch& l, const BackwardGrid& g) {
   const scalar_t* x = static_cast<const scalar_t*>(l.x);
   acc_t* partial = static_cast<acc_t*>(l.workspace);
   const int64_t rows = l.numel / l.channels;
-  return with_vec<scalar_t>(g.vec, [&](auto v) {
-    constexpr int VEC = decltype(v)::value;
-    if (l.channels_last) {
+  if (l.channels_last) {
+    return with_vec<scalar_t, false>(g.vec, [&](auto v) {
+      constexpr int VEC = decltype(v)::value;
       const size_t shared = size_t(BACKWARD_THREADS / 32) * g.cols * 2 * VEC * sizeof(double);
       channels_last_backward_reduce_kernel<scalar_t, VEC><<<dim3(g.gx, g.parts), BACKWARD_THREADS, shared, l.stream>>>(
           dy, x, l.params, partial, rows, l.channels, int(g.cols));
-    } else {
-      const int64_t plane_vecs = l.plane / VEC;
-      nchw_backward_reduce_kernel<scalar_t, VEC><<<g.gx * g.parts, BACKWARD_THREADS, 0, l.stream>>>(
-          dy, x, l.params, partial, l.channels, rows / VEC, plane_vecs,
-          make_fast_div(uint32_t(std::min<int64_t>(plane_vecs, INT32_MAX))), g.parts, g.chunk);
-    }
+      return cudaGetLastError();
+    });
+  }
+  return with_vec<scalar_t, true>(g.vec, [&](auto v) {
+    constexpr int VEC = decltype(v)::value;
+    const int64_t plane_vecs = l.plane / VEC;
+    nchw_backward_reduce_kernel<scalar_t, VEC><<<g.gx * g.parts, BACKWARD_THREADS, 0, l.stream>>>(
+        dy, x, l.params, partial, l.channels, rows / VEC, plane_vecs,
+        make_fast_div(uint32_t(std::min<int64_t>(plane_vecs, INT32_MAX))), g.parts, g.chunk);
     return cudaGetLastError();
   });
 }
@@ -1936,23 +1965,26 @@ cudaError_t elementwise_launch(const BackwardLaunch& l, const typename Acc<scala
   const scalar_t* x = static_cast<const scalar_t*>(l.x);
   scalar_t* dx = static_cast<scalar_t*>(l.dx);
   const int64_t rows = l.numel / l.channels;
-  return with_vec<scalar_t>(backward_vec(l, !l.channels_last), [&](auto v) {
-    constexpr int VEC = decltype(v)::value;
-    if (l.channels_last) {
+  if (l.channels_last) {
+    return with_vec<scalar_t, false>(backward_vec(l, false), [&](auto v) {
+      constexpr int VEC = decltype(v)::value;
       const int64_t vectors = l.channels / VEC, cols = row_threads(vectors, BACKWARD_THREADS);
       const int64_t gx = cdiv(vectors, cols), height = BACKWARD_THREADS / cols;
       const int64_t gy = std::max<int64_t>(std::min<int64_t>(cdiv(rows, height * UNROLL), 65535), 1);
       channels_last_backward_elementwise_kernel<scalar_t, VEC, FROZEN><<<dim3(gx, gy), BACKWARD_THREADS, 0, l.stream>>>(
           dy, x, dx, coefficients, rows, l.channels, int(cols));
-    } else {
-      const int64_t plane_vecs = l.plane / VEC, units = rows / VEC;
-      // At most 2^31 - 1 blocks: past that (2^41 elements), blocks take several tiles.
-      const int64_t parts = std::max<int64_t>(std::min(cdiv(units, BACKWARD_THREADS * UNROLL), INT32_MAX / l.channels), 1);
-      const int64_t chunk = cdiv(units, parts);
-      nchw_backward_elementwise_kernel<scalar_t, VEC, FROZEN><<<l.channels * cdiv(units, chunk), BACKWARD_THREADS, 0, l.stream>>>(
-          dy, x, dx, coefficients, l.channels, units, plane_vecs,
-          make_fast_div(uint32_t(std::min<int64_t>(plane_vecs, INT32_MAX))), cdiv(units, chunk), chunk);
-    }
+      return cudaGetLastError();
+    });
+  }
+  return with_vec<scalar_t, true>(backward_vec(l, true), [&](auto v) {
+    constexpr int VEC = decltype(v)::value;
+    const int64_t plane_vecs = l.plane / VEC, units = rows / VEC;
+    // At most 2^31 - 1 blocks: past that (2^41 elements), blocks take several tiles.
+    const int64_t most = std::min(cdiv(units, BACKWARD_THREADS * UNROLL), int64_t(INT32_MAX) / l.channels);
+    const int64_t chunk = cdiv(units, std::max<int64_t>(most, 1)), parts = cdiv(units, chunk);
+    nchw_backward_elementwise_kernel<scalar_t, VEC, FROZEN><<<l.channels * parts, BACKWARD_THREADS, 0, l.stream>>>(
+        dy, x, dx, coefficients, l.channels, units, plane_vecs,
+        make_fast_div(uint32_t(std::min<int64_t>(plane_vecs, INT32_MAX))), parts, chunk);
     return cudaGetLastError();
   });
 }
@@ -1962,7 +1994,8 @@ template <typename scalar_t>
 cudaError_t reduce_path_typed(const BackwardLaunch& l) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t parts = backward_parts(l);
-  acc_t* coefficients = l.dx != nullptr && l.numel > 0 ? static_cast<acc_t*>(l.workspace) + 2 * parts * l.channels : nullptr;
+  acc_t* coefficients =
+      l.dx != nullptr && l.numel > 0 ? static_cast<acc_t*>(l.workspace) + 2 * parts * l.channels : nullptr;
   if (parts > 0) {
     if (const cudaError_t error = reduce_launch<scalar_t>(l, reduce_grid(l)); error != cudaSuccess) return error;
   }
@@ -1996,7 +2029,7 @@ cudaError_t read_once_shared(Kernel kernel, int64_t shared, int64_t scratch) {
 template <typename scalar_t, bool FROZEN>
 cudaError_t channel_launch_typed(const BackwardLaunch& l) {
   const double per_value = 1.0 / double(l.numel / l.channels);
-  return with_vec<scalar_t>(backward_vec(l, true), [&](auto v) {
+  return with_vec<scalar_t, true>(backward_vec(l, true), [&](auto v) {
     constexpr int VEC = decltype(v)::value;
     const auto kernel = channel_backward_kernel<scalar_t, VEC, FROZEN>;
     const int64_t shared = stash_bytes(l), plane_vecs = l.plane / VEC;
@@ -2013,7 +2046,7 @@ cudaError_t channel_launch_typed(const BackwardLaunch& l) {
 template <typename scalar_t, bool FROZEN>
 cudaError_t group_launch_typed(const BackwardLaunch& l) {
   const int64_t rows = l.numel / l.channels;
-  return with_vec<scalar_t>(backward_vec(l, false), [&](auto v) {
+  return with_vec<scalar_t, false>(backward_vec(l, false), [&](auto v) {
     constexpr int VEC = decltype(v)::value;
     const auto kernel = channel_group_backward_kernel<scalar_t, VEC, FROZEN>;
     const int cols = GROUP_BYTES / int(sizeof(scalar_t)) / VEC;
@@ -2159,7 +2192,7 @@ struct BackwardLaunch {
   bool grads_fp32;
   bool training;  // mean and var are the batch's: their gradients fold into dx
   int64_t numel, channels, plane;
-  bool channels_last;  // NHWC memory (also NCHW with 1x1 planes)
+  bool channels_last;  // indexed as NHWC (the group kernel; the three kernels also for NCHW with 1x1 planes)
   // Reduce: acc_t (float32; float64 for float64 input), 2 * backward_parts() * channels partial sums, then
   // (where dx is asked) 4 * channels coefficients.
   void* workspace;
@@ -2412,7 +2445,8 @@ std::string backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     BN2D_REQUIRE(x.is_contiguous(), "the channel backward kernel takes a contiguous (NCHW) input");
   } else if (kernel == "group") {
     which = bn2d::BackwardKernel::Group;
-    BN2D_REQUIRE(x.is_contiguous(at::MemoryFormat::ChannelsLast), "the group backward kernel takes a channels_last input");
+    BN2D_REQUIRE(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                 "the group backward kernel takes a channels_last input");
   } else {
     BN2D_REQUIRE(kernel.empty(), "unknown backward kernel '" + kernel + "'; expected '', 'channel' or 'group'");
   }
@@ -2433,7 +2467,10 @@ std::string backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   launch.numel = x.numel();
   launch.channels = x.size(1);
   launch.plane = x.size(2) * x.size(3);
-  launch.channels_last = channels_last || launch.plane == 1;  // 1x1 planes: NCHW is NHWC
+  // The kernels' indexing: the channel kernel reads NCHW (1x1 planes too); the group kernel NHWC; the three
+  // kernels NHWC also for NCHW with 1x1 planes, the same memory, which the channels_last kernels read best.
+  launch.channels_last = which == bn2d::BackwardKernel::Group ||
+                         (which == bn2d::BackwardKernel::Reduce && (channels_last || launch.plane == 1));
   launch.stream = c10::cuda::getCurrentCUDAStream().stream();
   if (launch.channels == 0) return "";
   if (const int64_t shared = bn2d::backward_shared_bytes(launch); shared > 0) {
@@ -2614,10 +2651,13 @@ GROUP_MIN_BLOCKS = 64  # fewer channel groups than this ran slower than three ke
 GRID_MIN_CHANNEL_BYTES = 32 << 20
 
 
-def cuda_train(x, y=None, config: CudaConfig = CudaConfig()) -> Plan:
-    """The CUDA training-forward plan for x laid out as layout_of(x) (y: the output, None for a fresh one)."""
+def cuda_train(x, y=None, config: CudaConfig = CudaConfig(), save: bool = False) -> Plan:
+    """The CUDA training-forward plan for x laid out as layout_of(x) (y: the output, None for a fresh one);
+    `save`: one that gives the batch statistics, which the read-once kernels do not."""
     n, c, h, w = x.shape
     layout, channel_bytes = layout_of(x), n * h * w * x.element_size()
+    if save:
+        config = config._replace(fused=0)
     if config.fused != 0 and layout == "channels_last":
         row_bytes = c * x.element_size()
         if (n * h * w * min(row_bytes, GROUP_BYTES) <= CHANNEL_BLOCK_BYTES
@@ -2722,7 +2762,8 @@ GROUP_CHANNELS = 8
 
 
 def triton_train(x, fused: bool = True) -> Plan:
-    """The Triton training-forward plan for x; fused=False: the three-kernel one."""
+    """The Triton training-forward plan for x (its read-once kernels also give the batch statistics, for the
+    backward); fused=False: the three-kernel one."""
     n, c, h, w = x.shape
     layout = layout_of(x)
     tile = triton.next_power_of_2(n) * triton.next_power_of_2(h * w) if layout == "nchw" else (
@@ -2745,6 +2786,49 @@ def triton_train_plan(x, kernel: str, why: str = "as asked") -> Plan:
         launch = dict(BLOCK_R=triton.next_power_of_2(n * h * w), BLOCK_C=min(triton.next_power_of_2(c), GROUP_CHANNELS))
     a, b = launch.values()
     return Plan("triton", "train", layout_of(x), (kernel,), dict(launch, num_warps=8 if a * b >= 4096 else 4), why)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward, both backends: one kernel reads dy and x once where a block (CUDA) or a program (Triton) holds a
+# channel of both (NCHW) or a group of channels of every row (channels_last); else three kernels: partial sums
+# per piece of each channel, their finalize (dweight, dbias and dx's coefficients), and dx elementwise. The
+# forward's bounds, for two tensors instead of one (CUDA: the forward's CHANNEL_BLOCK_BYTES of shared memory for
+# dy and x together).
+BACKWARD_BLOCK_BYTES = CHANNEL_BLOCK_BYTES
+
+
+def cuda_backward(x, fused: bool = True) -> Plan:
+    """The CUDA backward plan for x laid out as layout_of(x); fused=False: the three-kernel one."""
+    n, c, h, w = x.shape
+    rows, layout = n * h * w, layout_of(x)
+    groups = -(-c * x.element_size() // GROUP_BYTES)
+    if fused and layout == "channels_last" and 2 * rows * GROUP_BYTES <= BACKWARD_BLOCK_BYTES and groups >= GROUP_MIN_BLOCKS:
+        return Plan("cuda", "backward", layout, ("channel_group_backward_kernel",), {},
+                    f"a block per {GROUP_BYTES} bytes of channels holds dy and x: each read once")
+    if fused and layout == "nchw" and 2 * rows * x.element_size() <= BACKWARD_BLOCK_BYTES:
+        return Plan("cuda", "backward", layout, ("channel_backward_kernel",), {},
+                    "a block per channel holds dy and x in shared memory: each read once")
+    return Plan("cuda", "backward", layout, (f"{layout}_backward_reduce_kernel", "backward_finalize_kernel",
+                                              f"{layout}_backward_elementwise_kernel"), {},
+                "sums, their finalize, then dx: dy and x read twice")
+
+
+def triton_backward(x, fused: bool = True) -> Plan:
+    """The Triton backward plan for x: the training forward's tiles (CHANNEL_TILE_ELEMENTS, GROUP_CHANNELS);
+    fused=False: the three-kernel one."""
+    n, c, h, w = x.shape
+    layout = layout_of(x)
+    tile = triton.next_power_of_2(n) * triton.next_power_of_2(h * w) if layout == "nchw" else (
+        triton.next_power_of_2(n * h * w) * min(triton.next_power_of_2(c), GROUP_CHANNELS))
+    if fused and tile <= CHANNEL_TILE_ELEMENTS:
+        if layout == "nchw":
+            return Plan("triton", "backward", layout, ("backward_channel_kernel",), {},
+                        "a program per channel holds dy and x in one tile: each read once")
+        return Plan("triton", "backward", layout, ("backward_channel_group_kernel",), {},
+                    f"a program per {GROUP_CHANNELS} channels holds dy and x in one tile: each read once")
+    return Plan("triton", "backward", layout, (f"backward_reduce_{layout}_kernel", "backward_finalize_kernel",
+                                                "backward_dx_flat_kernel"), {},
+                "sums, their finalize, then dx: dy and x read twice")
 
 
 def arch_flags() -> list:

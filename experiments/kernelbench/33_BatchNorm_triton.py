@@ -155,10 +155,13 @@ GROUP_MIN_BLOCKS = 64  # fewer channel groups than this ran slower than three ke
 GRID_MIN_CHANNEL_BYTES = 32 << 20
 
 
-def cuda_train(x, y=None, config: CudaConfig = CudaConfig()) -> Plan:
-    """The CUDA training-forward plan for x laid out as layout_of(x) (y: the output, None for a fresh one)."""
+def cuda_train(x, y=None, config: CudaConfig = CudaConfig(), save: bool = False) -> Plan:
+    """The CUDA training-forward plan for x laid out as layout_of(x) (y: the output, None for a fresh one);
+    `save`: one that gives the batch statistics, which the read-once kernels do not."""
     n, c, h, w = x.shape
     layout, channel_bytes = layout_of(x), n * h * w * x.element_size()
+    if save:
+        config = config._replace(fused=0)
     if config.fused != 0 and layout == "channels_last":
         row_bytes = c * x.element_size()
         if (n * h * w * min(row_bytes, GROUP_BYTES) <= CHANNEL_BLOCK_BYTES
@@ -263,7 +266,8 @@ GROUP_CHANNELS = 8
 
 
 def triton_train(x, fused: bool = True) -> Plan:
-    """The Triton training-forward plan for x; fused=False: the three-kernel one."""
+    """The Triton training-forward plan for x (its read-once kernels also give the batch statistics, for the
+    backward); fused=False: the three-kernel one."""
     n, c, h, w = x.shape
     layout = layout_of(x)
     tile = triton.next_power_of_2(n) * triton.next_power_of_2(h * w) if layout == "nchw" else (
@@ -286,6 +290,49 @@ def triton_train_plan(x, kernel: str, why: str = "as asked") -> Plan:
         launch = dict(BLOCK_R=triton.next_power_of_2(n * h * w), BLOCK_C=min(triton.next_power_of_2(c), GROUP_CHANNELS))
     a, b = launch.values()
     return Plan("triton", "train", layout_of(x), (kernel,), dict(launch, num_warps=8 if a * b >= 4096 else 4), why)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward, both backends: one kernel reads dy and x once where a block (CUDA) or a program (Triton) holds a
+# channel of both (NCHW) or a group of channels of every row (channels_last); else three kernels: partial sums
+# per piece of each channel, their finalize (dweight, dbias and dx's coefficients), and dx elementwise. The
+# forward's bounds, for two tensors instead of one (CUDA: the forward's CHANNEL_BLOCK_BYTES of shared memory for
+# dy and x together).
+BACKWARD_BLOCK_BYTES = CHANNEL_BLOCK_BYTES
+
+
+def cuda_backward(x, fused: bool = True) -> Plan:
+    """The CUDA backward plan for x laid out as layout_of(x); fused=False: the three-kernel one."""
+    n, c, h, w = x.shape
+    rows, layout = n * h * w, layout_of(x)
+    groups = -(-c * x.element_size() // GROUP_BYTES)
+    if fused and layout == "channels_last" and 2 * rows * GROUP_BYTES <= BACKWARD_BLOCK_BYTES and groups >= GROUP_MIN_BLOCKS:
+        return Plan("cuda", "backward", layout, ("channel_group_backward_kernel",), {},
+                    f"a block per {GROUP_BYTES} bytes of channels holds dy and x: each read once")
+    if fused and layout == "nchw" and 2 * rows * x.element_size() <= BACKWARD_BLOCK_BYTES:
+        return Plan("cuda", "backward", layout, ("channel_backward_kernel",), {},
+                    "a block per channel holds dy and x in shared memory: each read once")
+    return Plan("cuda", "backward", layout, (f"{layout}_backward_reduce_kernel", "backward_finalize_kernel",
+                                              f"{layout}_backward_elementwise_kernel"), {},
+                "sums, their finalize, then dx: dy and x read twice")
+
+
+def triton_backward(x, fused: bool = True) -> Plan:
+    """The Triton backward plan for x: the training forward's tiles (CHANNEL_TILE_ELEMENTS, GROUP_CHANNELS);
+    fused=False: the three-kernel one."""
+    n, c, h, w = x.shape
+    layout = layout_of(x)
+    tile = triton.next_power_of_2(n) * triton.next_power_of_2(h * w) if layout == "nchw" else (
+        triton.next_power_of_2(n * h * w) * min(triton.next_power_of_2(c), GROUP_CHANNELS))
+    if fused and tile <= CHANNEL_TILE_ELEMENTS:
+        if layout == "nchw":
+            return Plan("triton", "backward", layout, ("backward_channel_kernel",), {},
+                        "a program per channel holds dy and x in one tile: each read once")
+        return Plan("triton", "backward", layout, ("backward_channel_group_kernel",), {},
+                    f"a program per {GROUP_CHANNELS} channels holds dy and x in one tile: each read once")
+    return Plan("triton", "backward", layout, (f"backward_reduce_{layout}_kernel", "backward_finalize_kernel",
+                                                "backward_dx_flat_kernel"), {},
+                "sums, their finalize, then dx: dy and x read twice")
 
 
 """The Triton backend: the same operations as the CUDA module. Normalisation is a tile kernel or a flat one
@@ -573,8 +620,9 @@ def batch_stats(x, running_mean, running_var, momentum: float, plan):
 # once, one launch. Triton's counterpart of the CUDA module's block-per-channel kernels.
 @triton.jit
 def channel_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, momentum, eps, N, C, L,
-                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ROW_LEN: tl.constexpr):
+                   save_mean_ptr, save_var_ptr,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr, SAVE: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ROW_LEN: tl.constexpr):
     if ROW_LEN:  # as in normalize_kernel: a compile-time row length keeps the rows' alignment known
         L = ROW_LEN
     c = tl.program_id(0).to(tl.int64)
@@ -587,6 +635,9 @@ def channel_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
     d = tl.where(mask, x - mean, 0.0)
     var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
+    if SAVE:  # the batch statistics, for the backward
+        tl.store(save_mean_ptr + c, mean)
+        tl.store(save_var_ptr + c, var)
     if HAS_RUNNING:
         _update_running(running_mean_ptr, running_var_ptr, c, True, mean, var * count / tl.maximum(count - 1, 1),
                         momentum)
@@ -596,8 +647,9 @@ def channel_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running
 
 @triton.jit
 def channel_group_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, momentum, eps, R, C,
+                         save_mean_ptr, save_var_ptr,
                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                         SAVE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     rows = tl.arange(0, BLOCK_R)
     c_mask = c < C
@@ -607,6 +659,9 @@ def channel_group_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, r
     mean = tl.sum(x, axis=0) / R
     d = tl.where(mask, x - mean[None, :], 0.0)
     var = tl.sum(d * d, axis=0) / R
+    if SAVE:  # the batch statistics, for the backward
+        tl.store(save_mean_ptr + c, mean, mask=c_mask)
+        tl.store(save_var_ptr + c, var, mask=c_mask)
     if HAS_RUNNING:
         _update_running(running_mean_ptr, running_var_ptr, c, c_mask, mean, var * R / tl.maximum(R - 1, 1),
                         momentum)
@@ -614,19 +669,20 @@ def channel_group_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, r
     tl.store(y_ptr + offsets, (x * scale[None, :] + shift[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, plan):
+def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, plan, save=None):
     """y = x normalised with its batch statistics, the running statistics updated, by a read-once training
-    `plan` (dispatch.triton_train) reading x once."""
+    `plan` (dispatch.triton_train) reading x once; `save`: (mean, var) to receive the batch statistics."""
     n, c, h, w = x.shape
     has_running = running_mean is not None
     common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
-                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **plan.launch)
+                  SAVE=save is not None, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **plan.launch)
     running = (running_mean if has_running else x, running_var if has_running else x)
+    saved = save if save is not None else (x, x)
     if plan.kernels == ("channel_group_kernel",):
         channel_group_kernel[(triton.cdiv(c, plan.launch["BLOCK_C"]),)](
-            x, y, weight, bias, *running, momentum, eps, n * h * w, c, **common)
+            x, y, weight, bias, *running, momentum, eps, n * h * w, c, *saved, **common)
         return
-    channel_kernel[(c,)](x, y, weight, bias, *running, momentum, eps, n, c, h * w, **common,
+    channel_kernel[(c,)](x, y, weight, bias, *running, momentum, eps, n, c, h * w, *saved, **common,
                          ROW_LEN=h * w if h * w % 16 else 0)
 
 from torch import nn

@@ -46,7 +46,7 @@ struct BackwardLaunch {
   bool grads_fp32;
   bool training;  // mean and var are the batch's: their gradients fold into dx
   int64_t numel, channels, plane;
-  bool channels_last;  // NHWC memory (also NCHW with 1x1 planes)
+  bool channels_last;  // indexed as NHWC (the group kernel; the three kernels also for NCHW with 1x1 planes)
   // Reduce: acc_t (float32; float64 for float64 input), 2 * backward_parts() * channels partial sums, then
   // (where dx is asked) 4 * channels coefficients.
   void* workspace;
@@ -78,8 +78,8 @@ constexpr int BACKWARD_BLOCKS_PER_SM = STATS_BLOCKS_PER_SM;
 struct Gradient { double invstd, a, b, k; };
 
 // 1 / sqrt(v) in float64 without the library's rsqrt, whose call to a slow path spills the registers live
-// across it: float32's estimate (2 ulp) refined by two Newton steps, each doubling the correct bits. For v in
-// float32's normal range, where the variance of any tensor plus eps lies.
+// across it: float32's estimate (2 ulp) refined by two Newton steps, each doubling the correct bits. v must lie
+// in float32's normal range, as var + eps does for any eps >= 1e-38 and data of magnitude below 1e19.
 __device__ __forceinline__ double invsqrt(double v) {
   double y = double(rsqrtf(float(v)));
   y = y * (1.5 - 0.5 * v * y * y);
@@ -128,7 +128,10 @@ __global__ void __launch_bounds__(BACKWARD_THREADS, BACKWARD_BLOCKS_PER_SM) nchw
   const acc_t mean = load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, c);
   const vec_t* dyv = reinterpret_cast<const vec_t*>(dy);
   const vec_t* xv = reinterpret_cast<const vec_t*>(x);
-  acc_t sum_dy = 0, sum_dy_xmu = 0;
+  // A step's sums in acc_t, the thread's running sums of them in float64: a thread of this one-wave grid may
+  // take 10^5 values of a channel (2^31 elements, two channels), and a float32 running sum of that many steps
+  // loses ~1e-5 of a sum of random signs.
+  double sum_dy = 0, sum_dy_xmu = 0;
   for (int64_t base = part * chunk + threadIdx.x; base < end; base += int64_t(blockDim.x) * UNROLL) {
     vec_t g[UNROLL], v[UNROLL];
 #pragma unroll
@@ -139,7 +142,6 @@ __global__ void __launch_bounds__(BACKWARD_THREADS, BACKWARD_BLOCKS_PER_SM) nchw
       g[u] = dyv[at];
       v[u] = xv[at];
     }
-    // A step's sums apart, then added: the running sums take one rounding per step, not one per element.
     acc_t step_dy = 0, step_dy_xmu = 0;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
@@ -153,8 +155,8 @@ __global__ void __launch_bounds__(BACKWARD_THREADS, BACKWARD_BLOCKS_PER_SM) nchw
     sum_dy += step_dy;
     sum_dy_xmu += step_dy_xmu;
   }
-  const double total_dy = block_sum(double(sum_dy), scratch);
-  const double total_dy_xmu = block_sum(double(sum_dy_xmu), scratch);
+  const double total_dy = block_sum(sum_dy, scratch);
+  const double total_dy_xmu = block_sum(sum_dy_xmu, scratch);
   if (threadIdx.x == 0) {
     partial[part * channels + c] = acc_t(total_dy);
     partial[(parts + part) * channels + c] = acc_t(total_dy_xmu);
@@ -180,7 +182,11 @@ __global__ void __launch_bounds__(BACKWARD_THREADS, BACKWARD_BLOCKS_PER_SM) chan
   acc_t mean[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) mean[j] = load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, first + j);
-  acc_t sum_dy[VEC] = {}, sum_dy_xmu[VEC] = {};
+  // The thread's running sums in float64 where registers allow it (at most two channels a thread: rows of single
+  // elements -- so also the fewest channels, where a thread takes the most rows -- or float64 pairs), else
+  // acc_t: 16-byte vectors of 16-bit channels would take 16 more registers, past this kernel's 128.
+  using sum_t = std::conditional_t<(VEC <= 2), double, acc_t>;
+  sum_t sum_dy[VEC] = {}, sum_dy_xmu[VEC] = {};
   for (int64_t base = int64_t(blockIdx.y) * height + threadIdx.x / cols; active && base < rows; base += step * UNROLL) {
     vec_t g[UNROLL], v[UNROLL];
 #pragma unroll
@@ -344,9 +350,11 @@ __global__ void __launch_bounds__(BACKWARD_THREADS) channels_last_backward_eleme
 // The backward reading dy and x from device memory once, for a channel that fits in shared memory (NCHW): a
 // block per channel loads both while summing them, keeping them in shared memory where dx needs them again
 // (training: its coefficients need the channel's sums), then writes dx from there. Frozen, dx = dy * a needs
-// no sums and is written as dy arrives; x is read only for dweight. One launch, no workspace.
+// no sums and is written as dy arrives; x is read only for dweight. One launch, no workspace. Launch bounds
+// with a minimum of one block: without it, ptxas held the float64 builds of both read-once kernels to 64
+// registers on sm_90 and spilled a value live across the loop (experiments.sass).
 template <typename scalar_t, int VEC, bool FROZEN>
-__global__ void __launch_bounds__(CHANNEL_THREADS) channel_backward_kernel(
+__global__ void __launch_bounds__(CHANNEL_THREADS, 1) channel_backward_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, const Params p,
     void* dweight, void* dbias, bool grads_fp32, int64_t channels, int units, int64_t plane_vecs,
     FastDiv plane_div, double per_value) {
@@ -403,7 +411,8 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_backward_kernel(
   const double total_dy = block_sum(double(sum_dy), scratch);
   const double total_dy_xmu = block_sum(double(sum_dy_xmu), scratch);
   const Gradient gr = gradient_of(weight, var, p.eps, total_dy, total_dy_xmu, per_value, !FROZEN);
-  if (threadIdx.x == 0 && dweight != nullptr) store_gradient<scalar_t>(dweight, grads_fp32, c, total_dy_xmu * gr.invstd);
+  if (threadIdx.x == 0 && dweight != nullptr)
+    store_gradient<scalar_t>(dweight, grads_fp32, c, total_dy_xmu * gr.invstd);
   if (threadIdx.x == 0 && dbias != nullptr) store_gradient<scalar_t>(dbias, grads_fp32, c, total_dy);
   if (FROZEN || !writes) return;
   const acc_t a = acc_t(gr.a), b = acc_t(gr.b), k = acc_t(gr.k);
@@ -421,7 +430,7 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_backward_kernel(
 // GROUP_BYTES-wide columns (one 32-byte sector per row), thread t on column t % cols of every
 // (blockDim.x / cols)-th row, as channel_group_kernel does; the column sums of both (column_sums) in one go.
 template <typename scalar_t, int VEC, bool FROZEN>
-__global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_backward_kernel(
+__global__ void __launch_bounds__(CHANNEL_THREADS, 1) channel_group_backward_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, const Params p,
     void* dweight, void* dbias, bool grads_fp32, int64_t channels, int rows, int cols, double per_value) {
   using acc_t = typename Acc<scalar_t>::type;
@@ -444,7 +453,8 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_backward_kernel
     mean[j] = load_param<scalar_t, acc_t>(p.mean, p.stats_fp32, channel(j));
     if (FROZEN) {
       const acc_t weight = p.has_weight ? load_param<scalar_t, acc_t>(p.weight, p.affine_fp32, channel(j)) : acc_t(1);
-      a[j] = acc_t(double(weight) * invsqrt(double(load_param<scalar_t, acc_t>(p.var, p.stats_fp32, channel(j))) + p.eps));
+      const acc_t var = load_param<scalar_t, acc_t>(p.var, p.stats_fp32, channel(j));
+      a[j] = acc_t(double(weight) * invsqrt(double(var) + p.eps));
     }
   }
   // Each thread's sums in acc_t (a column has at most a few rows per thread), the block's in float64.
@@ -559,7 +569,8 @@ BackwardGrid reduce_grid(const BackwardLaunch& l) {
   if (!l.channels_last) {
     const int vec = backward_vec(l, true);
     const int64_t units = rows / vec;
-    const int64_t parts = std::max<int64_t>(std::min(cdiv(blocks, l.channels), cdiv(units, BACKWARD_THREADS * UNROLL)), 1);
+    const int64_t parts =
+        std::max<int64_t>(std::min(cdiv(blocks, l.channels), cdiv(units, BACKWARD_THREADS * UNROLL)), 1);
     const int64_t chunk = cdiv(units, parts);
     return {vec, 0, l.channels, cdiv(units, chunk), chunk};  // no empty piece
   }
@@ -634,7 +645,8 @@ template <typename scalar_t>
 cudaError_t reduce_path_typed(const BackwardLaunch& l) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t parts = backward_parts(l);
-  acc_t* coefficients = l.dx != nullptr && l.numel > 0 ? static_cast<acc_t*>(l.workspace) + 2 * parts * l.channels : nullptr;
+  acc_t* coefficients =
+      l.dx != nullptr && l.numel > 0 ? static_cast<acc_t*>(l.workspace) + 2 * parts * l.channels : nullptr;
   if (parts > 0) {
     if (const cudaError_t error = reduce_launch<scalar_t>(l, reduce_grid(l)); error != cudaSuccess) return error;
   }
@@ -753,7 +765,8 @@ std::string backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     BN2D_REQUIRE(x.is_contiguous(), "the channel backward kernel takes a contiguous (NCHW) input");
   } else if (kernel == "group") {
     which = bn2d::BackwardKernel::Group;
-    BN2D_REQUIRE(x.is_contiguous(at::MemoryFormat::ChannelsLast), "the group backward kernel takes a channels_last input");
+    BN2D_REQUIRE(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                 "the group backward kernel takes a channels_last input");
   } else {
     BN2D_REQUIRE(kernel.empty(), "unknown backward kernel '" + kernel + "'; expected '', 'channel' or 'group'");
   }
@@ -774,7 +787,10 @@ std::string backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   launch.numel = x.numel();
   launch.channels = x.size(1);
   launch.plane = x.size(2) * x.size(3);
-  launch.channels_last = channels_last || launch.plane == 1;  // 1x1 planes: NCHW is NHWC
+  // The kernels' indexing: the channel kernel reads NCHW (1x1 planes too); the group kernel NHWC; the three
+  // kernels NHWC also for NCHW with 1x1 planes, the same memory, which the channels_last kernels read best.
+  launch.channels_last = which == bn2d::BackwardKernel::Group ||
+                         (which == bn2d::BackwardKernel::Reduce && (channels_last || launch.plane == 1));
   launch.stream = c10::cuda::getCurrentCUDAStream().stream();
   if (launch.channels == 0) return "";
   if (const int64_t shared = bn2d::backward_shared_bytes(launch); shared > 0) {
@@ -801,36 +817,20 @@ std::string backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
 FUNCTIONS = ["backward"]
 
 
-# The rule. dy and x are read once (one kernel, no workspace) where a block's shared memory holds them: a
-# channel of both (NCHW), or GROUP_BYTES of each row of both (channels_last, where there are enough such
-# groups to fill the GPU); else three kernels. The forward's thresholds (cuda_module.read_once, measured
-# there for x alone); the backward's own are to be measured on a GPU.
-READ_ONCE_BYTES = 112 << 10  # dy and x together: the forward's CHANNEL_BLOCK_BYTES of shared memory per block
-GROUP_BYTES = 32  # of each channels_last row: cuda_training.py's GROUP_BYTES (one 32-byte sector)
-GROUP_MIN_BLOCKS = 64  # the forward's: fewer channel groups than this ran slower than three kernels
+# What the bound call names each kernel of a plan (dispatch.cuda_backward): the three-kernel path is "".
+_KERNEL_NAMES = {"channel_backward_kernel": "channel", "channel_group_backward_kernel": "group"}
 
 
-def backward_kernel(x, layout: str) -> str:
-    """"channel" (NCHW) or "group" (channels_last) where dy's and x's channel, or GROUP_BYTES of their rows,
-    fit in READ_ONCE_BYTES (groups: at least GROUP_MIN_BLOCKS of them); else "" (reduction, finalize and dx)."""
-    n, c, h, w = x.shape
-    rows = n * h * w
-    if layout == "channels_last":
-        groups = -(-c * x.element_size() // GROUP_BYTES)
-        return "group" if 2 * rows * GROUP_BYTES <= READ_ONCE_BYTES and groups >= GROUP_MIN_BLOCKS else ""
-    return "channel" if 2 * rows * x.element_size() <= READ_ONCE_BYTES else ""
-
-
-def backward(dy, x, mean, var, weight, eps: float, training: bool, needs, layout: str, kernel: str):
+def backward(dy, x, mean, var, weight, eps: float, training: bool, needs, plan):
     """(dx, dweight, dbias) of y = (x - mean) * rsqrt(var + eps) * weight + bias, each None unless asked in
     `needs` (dweight also without a weight). `training`: mean and var are x's batch statistics (float32;
     float64 for float64 input), whose gradients fold into dx; else frozen running statistics (float32 or x's
-    dtype). x is laid out as `layout` ("nchw" or "channels_last"; NCHW with 1x1 planes is both), and dy is
-    brought to it; dx takes x's strides, dweight weight's dtype, dbias weight's (x's without a weight).
-    `kernel`: as backward_kernel chose, or "" for three kernels. An empty batch gives zero dweight and dbias."""
+    dtype). x is laid out as the `plan`'s layout (dispatch.cuda_backward), and dy is brought to it; dx takes
+    x's strides, dweight weight's dtype, dbias weight's (x's without a weight). An empty batch gives zero
+    dweight and dbias."""
     from . import cuda_module
 
-    c = x.size(1)
+    c, layout, kernel = x.size(1), plan.layout, _KERNEL_NAMES.get(plan.kernels[0], "")
     need_dx, need_dweight, need_dbias = needs[0], needs[1] and weight is not None, needs[2]
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     dy = dy.contiguous(memory_format=fmt)  # no copy where dy already is
