@@ -15,7 +15,8 @@
 #   base        the quick eval and training sweeps at another revision, variant "base": its kernels/ package
 #               extracted to .base/bn2d (git archive REV kernels), carried to the machine
 # Variables: VARIANT (the sweeps' variant column, default "default"), SWEEP_ARGS (more sweep arguments, e.g.
-# --part 1/2), BACKWARD_ARGS, MODELS_ARGS, TESTS_TIMEOUT (seconds; 0: none).
+# --part 1/2), BACKWARD_ARGS, MODELS_ARGS, BASE_MODES (default "eval train"), TESTS (default: all of tests/),
+# TESTS_ARGS, TESTS_TIMEOUT (seconds; 0: none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-experiments/results/gpu}"
@@ -41,7 +42,7 @@ run() {  # run NAME COMMAND...: the command's output to the log, its failure rem
 for step in "${steps[@]}"; do
   case $step in
     env) run env python -m experiments.environment ;;
-    tests) run tests bash -c "timeout ${TESTS_TIMEOUT:-0} python -m pytest tests -rs -p no:cacheprovider 2>&1 | tee $out/gpu-tests.log >/dev/null; exit \${PIPESTATUS[0]}" ;;
+    tests) run tests bash -c "timeout ${TESTS_TIMEOUT:-0} python -m pytest ${TESTS:-tests} -rs -p no:cacheprovider ${TESTS_ARGS:-} 2>&1 | tee $out/gpu-tests.log >/dev/null; exit \${PIPESTATUS[0]}" ;;
     build) run build python -m experiments.build_cost --extensions-dir "$(mktemp -d)" --out "$out/build_$gpu.csv" ;;
     host) run host python -m experiments.host_overhead --out "$out/host_$gpu.csv" ;;
     kernelbench) run kernelbench python -m experiments.kernelbench check --out "$out/kernelbench_$gpu.csv" ;;
@@ -50,7 +51,7 @@ for step in "${steps[@]}"; do
     backward) run backward python -m experiments.sweep --preset resnet50 --modes train_backward --variant "$variant" ${BACKWARD_ARGS:-} --out "$out/train_$gpu.csv" ;;
     models) run models python -m experiments.models ${MODELS_ARGS:-} --out "$out/models_$gpu.csv" ;;
     base)
-      for mode in eval train; do
+      for mode in ${BASE_MODES:-eval train}; do
         run "base $mode" env PYTHONPATH="$PWD/.base:$PWD" TORCH_EXTENSIONS_DIR="$(mktemp -d)" python -m experiments.sweep \
           --preset quick --modes $mode --variant base ${SWEEP_ARGS:-} --out "$out/${mode}_$gpu.csv"
       done ;;

@@ -152,9 +152,10 @@ def _eval_plan(x, mean, var, weight, bias, out, backend, config) -> Plan:
 
 
 def _train_plan(x, out, backend, config, save: bool = False) -> Plan:
-    """The training-forward plan; `save`: one that gives the batch statistics (for the backward)."""
+    """The training-forward plan; `save`: one that gives the batch statistics (for the backward). The naive
+    backend has no training kernels of its own: the CUDA module's statistics, then its eval kernel."""
     if backend == "cuda_naive":
-        raise ValueError("the cuda_naive backend runs eval mode only (training=False)")
+        return dispatch.cuda_train(x, None, CudaConfig(), save=True)
     if backend == "triton":
         return dispatch.triton_train(x)
     return dispatch.cuda_train(x, out, config, save)
@@ -174,8 +175,6 @@ def _backward_kernels(backend: str):
 
 
 def _backward_plan(x, backend) -> Plan:
-    if backend == "cuda_naive":
-        raise ValueError("the cuda_naive backend has no backward; use backend='cuda'")
     return dispatch.triton_backward(x) if backend == "triton" else dispatch.cuda_backward(x)
 
 
@@ -223,7 +222,8 @@ class _Normalize(torch.autograd.Function):
     def forward(ctx, x, mean, var, weight, bias, eps, backend, config):
         ctx.save_for_backward(x, mean, var, weight)
         ctx.eps, ctx.backend, ctx.bias_dtype = eps, backend, None if bias is None else bias.dtype
-        return _normalize_op(x, mean, var, weight, bias, eps, backend, config)
+        return (_normalize_op if _is_compiling() else _normalize_impl)(x, mean, var, weight, bias, eps, backend,
+                                                                       config)
 
     @staticmethod
     def backward(ctx, dy):
@@ -244,7 +244,8 @@ class _Train(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, backend, config):
-        y, mean, var = _train_op(x, weight, bias, running_mean, running_var, momentum, eps, backend, config)
+        y, mean, var = (_train_op if _is_compiling() else _train_impl)(x, weight, bias, running_mean, running_var,
+                                                                       momentum, eps, backend, config)
         ctx.save_for_backward(x, mean, var, weight)
         ctx.eps, ctx.backend, ctx.bias_dtype = eps, backend, None if bias is None else bias.dtype
         return y
@@ -296,7 +297,9 @@ def _backward(dy, x, mean, var, weight, eps, training, needs_x, needs_weight, ne
     """(dx, dweight, dbias) by the backward op, None where not asked."""
     if not (needs_x or needs_weight or needs_bias):
         return None, None, None
-    dx, dweight, dbias = _backward_op(dy, x, mean, var, weight, eps, training, needs_x, needs_weight and weight is not None,
+    if torch.is_grad_enabled() and not _is_compiling():  # autograd.grad(..., create_graph=True)
+        _no_double_backward(None)
+    dx, dweight, dbias = (_backward_op if _is_compiling() else _backward_impl)(dy, x, mean, var, weight, eps, training, needs_x, needs_weight and weight is not None,
                                       needs_bias, backend)
     if needs_bias and dbias.dtype != bias_dtype:  # no weight, so the kernels chose x's dtype
         dbias = dbias.to(bias_dtype)
