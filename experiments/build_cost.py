@@ -1,7 +1,7 @@
 """Build and JIT cost: the CUDA module's cold build and warm load, Triton's first-call JIT with an empty and
 a warm cache. Each measurement runs in a fresh process, as a user's first call would.
 
-    python -m experiments.build_cost --out experiments/results/build_cost.csv
+    python -m experiments.build_cost                  # appends to experiments/results/build_<gpu>.csv
 """
 import argparse
 import os
@@ -10,19 +10,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments.environment import capture, write_csv
+from experiments.environment import capture, results_path, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Each snippet prints the seconds of the step it measures (imports excluded).
 CUDA_BUILD = """
 import time
-from kernels import cuda_kernels
-t = time.perf_counter(); cuda_kernels.build(); print(time.perf_counter() - t)
+from bn2d import cuda_module
+t = time.perf_counter(); cuda_module.build(); print(time.perf_counter() - t)
 """
 TRITON_FIRST_CALL = """
 import time, torch
-from kernels import batch_norm
+from bn2d import batch_norm
 x = torch.randn(8, 64, 28, 28, device="cuda"); p = [torch.rand(64, device="cuda") + 0.5 for _ in range(4)]
 torch.cuda.synchronize()
 t = time.perf_counter(); batch_norm(x, *p, backend="triton"); torch.cuda.synchronize(); print(time.perf_counter() - t)
@@ -36,7 +36,8 @@ def timed(snippet: str, env: dict) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="default: experiments/results/build_<gpu>.csv")
+    parser.add_argument("--variant", default="default", help="the A/B variant these rows measure")
     parser.add_argument("--extensions-dir", type=Path, help="an empty directory to build in (kept afterwards)")
     args = parser.parse_args(argv)
     environment = capture()
@@ -53,8 +54,9 @@ def main(argv=None):
         ]
     for backend, step, seconds in rows:
         print(f"{backend:7s} {step:16s} {seconds:7.2f} s")
-    write_csv(args.out, [dict(backend=backend, step=step, seconds=seconds, cpu_count=os.cpu_count())
-                         for backend, step, seconds in rows], environment)
+    rows = [dict(backend=backend, step=step, seconds=seconds, cpu_count=os.cpu_count())
+            for backend, step, seconds in rows]
+    write_csv(args.out or results_path("build"), rows, environment, args.variant)
 
 
 if __name__ == "__main__":

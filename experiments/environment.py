@@ -1,8 +1,11 @@
-"""One capture of the environment a measurement or test log was made in."""
+"""One capture of the environment a measurement or test log was made in, and the one writer of the results'
+CSV files: one long-format file per family and GPU (``results/eval_h200.csv``), each row with a ``variant``
+and the environment's columns."""
 import csv
 import datetime
 import functools
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -77,14 +80,55 @@ def capture() -> dict:
     }
 
 
-def write_csv(path: Path, rows: list, env: dict):
-    """Rows of one run, each with the environment's columns, as a whole CSV file (the sweep instead appends
-    row by row, so that it can resume)."""
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def gpu_tag(gpu_name: str) -> str:
+    """The GPU's short name for file names: 'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA A100-SXM4-40GB' ->
+    'a100'; 'cpu' without a GPU."""
+    if gpu_name in ("", "none"):
+        return "cpu"
+    words = [w for w in re.split(r"[\s-]+", gpu_name) if w.upper() not in ("NVIDIA", "GEFORCE", "RTX", "TESLA")]
+    return next((w for w in words if re.search(r"\d", w)), words[0] if words else "gpu").lower()
+
+
+def results_path(family: str, gpu_name: str = None) -> Path:
+    """A family's CSV for this machine's GPU (or `gpu_name`): results/<family>_<gpu>.csv."""
+    if gpu_name is None:
+        gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return RESULTS / f"{family}_{gpu_tag(gpu_name)}.csv"
+
+
+def done_keys(path: Path, key: list) -> set:
+    """The `key` columns of every row already in `path` (none if it does not exist), as tuples of strings:
+    what a resumed run skips."""
+    if not path.exists():
+        return set()
+    with path.open(newline="") as f:
+        return {tuple(row[k] for k in key) for row in csv.DictReader(f)}
+
+
+def append_csv(path: Path, rows: list, columns: list):
+    """Append rows (dicts; keys outside `columns` are dropped) to a family's CSV, writing the header first if
+    the file is new. A file with other columns is refused: one schema per file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, [*rows[0], *env])
-        writer.writeheader()
-        writer.writerows(dict(row, **env) for row in rows)
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f))
+        if header != list(columns):
+            raise ValueError(f"{path} has the columns {header}, not {list(columns)}: write to another file")
+    new = not path.exists() or not path.stat().st_size
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_csv(path: Path, rows: list, env: dict, variant: str = "default"):
+    """Rows of one run, each with its variant and the environment's columns, appended to `path`."""
+    columns = [*rows[0], "variant", *env]
+    append_csv(path, [dict(row, variant=variant, **env) for row in rows], columns)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 against a bare ``x.clone()`` (the floor for any op that allocates its output). On a small tensor the GPU
 finishes each kernel before the host has launched the next, so the time per call is the host's.
 
-    python -m experiments.host_overhead --out experiments/results/host_overhead.csv
+    python -m experiments.host_overhead                   # appends to experiments/results/host_<gpu>.csv
 """
 import argparse
 import contextlib
@@ -14,8 +14,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from experiments.environment import capture, write_csv
-from kernels import BatchNorm2d, batch_norm, cuda_kernels, functional, triton_kernels
+from experiments.environment import capture, results_path, write_csv
+from bn2d import BatchNorm2d, batch_norm, cuda_module, functional, triton_kernels
 
 
 class CloneModule(torch.nn.Module):
@@ -44,14 +44,16 @@ def cases(x, backends):
         yield "batch_norm(out=)", backend, lambda backend=backend, out=out: batch_norm(x, *stats, backend=backend, out=out)
         if functional._runs_kernels(x, backend):
             # The layer under batch_norm: the backend's launch alone (its binding or JIT launcher, and the kernel).
-            kernels, config = functional._kernels(backend), functional._config_list(backend, None)
-            yield "launch", backend, lambda kernels=kernels, out=out, config=config: kernels.normalize(
-                x, out, None, None, *stats, 1e-5, "nchw", config)
+            config = functional._config(backend, None)
+            plan = functional._eval_plan(x, *stats, None, None, out, backend, config)
+            launch = functional._kernels(backend).normalize
+            args = (x, out, None, None, *stats, 1e-5, plan, *(() if backend == "triton" else (config,)))
+            yield "launch", backend, lambda launch=launch, args=args: launch(*args)
         if backend == "cuda" and x.is_cuda:
             # The hot path's bound call crossing into C++ and back with no work: a CPU input is refused at
             # its first check.
-            bound, cpu = cuda_kernels.module().eval_forward, x.cpu()
-            yield "binding", backend, lambda: bound(cpu, None, None, *stats, 1e-5)
+            bound, cpu = cuda_module.module().eval_forward, x.cpu()
+            yield "binding", backend, lambda: bound(cpu, None, None, *stats, 1e-5, 0)
 
 
 def per_call_us(fns, calls: int, repeats: int, sync):
@@ -84,7 +86,9 @@ def main(argv=None):
     parser.add_argument("--python-only", action="store_true",
                         help="the kernel call stubbed out and every tensor sent down the kernels' path: the Python "
                              "side of a call alone, on any device")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="default: experiments/results/host_<gpu>.csv")
+    parser.add_argument("--variant", help="the A/B variant these rows measure (default: 'default', or "
+                                          "'python_only' with --python-only)")
     args = parser.parse_args(argv)
     x = torch.randn(*map(int, args.shape.split("x")), device=args.device)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
@@ -93,9 +97,9 @@ def main(argv=None):
     with torch.inference_mode(), contextlib.ExitStack() as stubs:
         if args.python_only:
             stubs.enter_context(mock.patch.object(functional, "_runs_kernels", lambda x, backend: backend != "torch"))
-            for kernels in (cuda_kernels, triton_kernels):
+            for kernels in (cuda_module, triton_kernels):
                 stubs.enter_context(mock.patch.object(kernels, "normalize", lambda *launch: None))
-            stubs.enter_context(mock.patch.object(cuda_kernels, "eval_forward", lambda x, *args: x))
+            stubs.enter_context(mock.patch.object(cuda_module, "eval_forward", lambda x, *args: x))
         names, backends, fns = zip(*cases(x, args.backends))
         timings = per_call_us(fns, args.calls, args.repeats, sync)
         for name, backend, (median, p20, p80) in zip(names, backends, timings):
@@ -104,7 +108,8 @@ def main(argv=None):
     for row in rows:
         row["ratio_to_clone"] = row["us_per_call"] / floor
         print(f"{row['call']:18s} {row['backend']:7s} {row['us_per_call']:8.1f} us  {row['ratio_to_clone']:5.2f}x clone")
-    write_csv(args.out, rows, env)
+    variant = args.variant or ("python_only" if args.python_only else "default")
+    write_csv(args.out or results_path("host"), rows, env, variant)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m experiments.plot                      # the committed results -> figures/
     python -m experiments.plot --sweep a.csv --build b.csv --out /tmp/figs
+    python -m experiments.plot --variant x_on --out /tmp/figs   # another variant's rows of the same files
 """
 import argparse
 import re
@@ -14,12 +15,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from experiments.environment import RESULTS  # noqa: E402
+
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
-# The runs the figures and the README come from: the eval full sweep and the training sweep, and the
-# launch-config grid for the heatmaps (older runs stay in results/ for the notes that quote them).
-CURRENT = [RESULTS / "eval_full_h100.csv", RESULTS / "train_quick_h100.csv"]
-GRIDS = [RESULTS / "eval_grid_h100.csv"]
+# The runs the figures and the README come from, as the default variant of each family: the eval full sweep,
+# the training sweep, and the launch-config grid for the heatmaps (other variants are the notes' A/B rows).
+CURRENT = [RESULTS / "eval_h100.csv", RESULTS / "train_h100.csv"]
+GRIDS = [RESULTS / "grid_h100.csv"]
+BUILD = RESULTS / "build_h100.csv"
+# Training modes: figure, title, the tensor passes of the byte model (experiments.sweep.mode_bytes; the roofline
+# is those passes at the copy's speed), and the passes left where a kernel keeps x (and dy) on chip.
+TRAINING = {"train": ("training.png", "Training forward", 3, 2),
+            "train_backward": ("training_backward.png", "Training forward and backward (autograd)", 8, 5)}
 OURS = ["cuda", "triton"]
 BASELINES = ["torch", "torch_compile"]
 COLORS = {"cuda": "C0", "cuda_naive": "C7", "triton": "C1", "torch": "C2", "torch_nocudnn": "C4",
@@ -28,11 +35,13 @@ COLORS = {"cuda": "C0", "cuda_naive": "C7", "triton": "C1", "torch": "C2", "torc
 FP32_TFLOPS = [("A100", 19.5), ("H100 PCIe", 51.2), ("H100", 66.9), ("H200", 66.9)]
 
 
-def load_sweep(paths, grids=()) -> pd.DataFrame:
-    """The sweeps in `paths`, and the launch configs of the grid runs in `grids` (their default-config rows
-    are left out: the sweep measures those, and a grid run from another commit would mix into its medians)."""
+def load_sweep(paths, grids=(), variant="default") -> pd.DataFrame:
+    """The rows of `variant` in the sweeps in `paths`, and the launch configs of the grid runs in `grids`
+    (their default-config rows are left out: the sweep measures those, and a grid run from another commit
+    would mix into its medians)."""
     frames = [pd.read_csv(p) for p in paths] + [g[g.config != "default"] for g in map(pd.read_csv, grids)]
     df = pd.concat(frames, ignore_index=True)
+    df = df[df.variant == variant].reset_index(drop=True)
     df["shape"] = df.n.astype(str) + "x" + df.c.astype(str) + "x" + df.h.astype(str) + "x" + df.w.astype(str)
     df["numel"] = df.n * df.c * df.h * df.w
     return df
@@ -57,7 +66,7 @@ def device_times(df, mode="eval"):
 
 
 def headline(df, mode="eval") -> pd.DataFrame:
-    """The README's results tables: per backend, min / median % of the roofline (eval: the copy; training: 3
+    """The README's results tables: per backend, min / median % of the roofline (eval: the copy; training: its
     passes at the copy's speed) for tensors over 200 MB (do_bench), all points (do_bench), tensors up to 64 MB
     (CUDA graph); points at >= 95% (device times); and, per point by device time, how often it beats PyTorch
     eager, torch.compile and the other kernel backend."""
@@ -181,21 +190,23 @@ def ratios(df, out, name, numerators, denominators, title):
     save(out, name)
 
 
-def training(df, out):
-    """Training mode: % of the 3-pass roofline (x read twice, y written once, at the copy's bandwidth) vs bytes;
-    a forward that reads x once from memory can reach 150%."""
-    d = device_times(df, "train")
+def training(df, out, mode="train"):
+    """A training mode: % of its roofline (the byte model's passes at the copy's bandwidth; training forward:
+    x read twice, y written once) vs bytes; a kernel that reads x once from memory can exceed 100%."""
+    d = device_times(df, mode)
     if d.empty:
         return
-    for ax, dtype, layout, part in panels(d, "Training forward: % of the 3-pass roofline (device times)"):
+    name, title, passes, on_chip = TRAINING[mode]
+    for ax, dtype, layout, part in panels(d, f"{title}: % of the {passes}-pass roofline (device times)"):
         for backend, g in part.groupby("backend"):
             g = g.sort_values("bytes")
             ax.plot(g.bytes, g.pct_of_copy, "o-", ms=3, color=COLORS.get(backend), label=backend)
-        ax.axhline(100, color="black", ls="--", lw=1, label="3 passes at copy speed")
-        ax.axhline(150, color="gray", ls=":", lw=1, label="2 passes at copy speed")
-        ax.set(xscale="log", title=f"{dtype}, {layout}", xlabel="bytes moved (3 passes)", ylabel="% of 3-pass roofline")
+        ax.axhline(100, color="black", ls="--", lw=1, label=f"{passes} passes at copy speed")
+        ax.axhline(100 * passes / on_chip, color="gray", ls=":", lw=1, label=f"{on_chip} passes at copy speed")
+        ax.set(xscale="log", title=f"{dtype}, {layout}", xlabel=f"bytes moved ({passes} passes)",
+               ylabel=f"% of {passes}-pass roofline")
     ax.legend(fontsize=7)
-    save(out, "training.png")
+    save(out, name)
 
 
 def small_shape_latency(df, out):
@@ -211,8 +222,11 @@ def small_shape_latency(df, out):
     save(out, "small_shape_latency.png")
 
 
-def build_times(path, out):
+def build_times(path, out, variant="default"):
+    """The last run of `variant` in a build family file."""
     df = pd.read_csv(path)
+    df = df[df.variant == variant]
+    df = df[df.timestamp == df.timestamp.max()]
     fig, ax = plt.subplots(figsize=(6, 3))
     labels = df.backend + ": " + df.step
     ax.barh(labels, df.seconds, color=[COLORS[b] for b in df.backend])
@@ -232,11 +246,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", nargs="+", type=Path, default=CURRENT)
     parser.add_argument("--grids", nargs="*", type=Path, default=GRIDS, help="launch-config grid runs")
-    parser.add_argument("--build", type=Path, default=RESULTS / "build_cost_h100.csv")
+    parser.add_argument("--build", type=Path, default=BUILD)
+    parser.add_argument("--variant", default="default", help="the variant whose rows are drawn")
     parser.add_argument("--out", type=Path, default=FIGURES)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    df = load_sweep(args.sweep, args.grids)
+    df = load_sweep(args.sweep, args.grids, args.variant)
     bandwidth(df, args.out)
     roofline(df, args.out)
     heatmaps(df, args.out)
@@ -245,11 +260,13 @@ def main(argv=None):
     ratios(df, args.out, "speedup.png", OURS, BASELINES,
            "Speed-up over PyTorch eager and torch.compile (CUDA graph up to 64 MB, do_bench above)")
     small_shape_latency(df, args.out)
-    training(df, args.out)
-    build_times(args.build, args.out)
+    for mode in TRAINING:
+        training(df, args.out, mode)
+    build_times(args.build, args.out, args.variant)
     with pd.option_context("display.width", 250, "display.max_columns", 20):
         for mode in sorted(df["mode"].unique()):
-            print(f"{mode}: % of the {'3-pass roofline' if mode == 'train' else 'copy'}, min / median")
+            roof = f"{TRAINING[mode][2]}-pass roofline" if mode in TRAINING else "copy"
+            print(f"{mode}: % of the {roof}, min / median")
             print(headline(df, mode))
 
 

@@ -1,4 +1,5 @@
-"""One shape's forward on each backend, a few calls each and no timing of its own, for a profiler to capture:
+"""One shape's call (a forward; with --mode train_backward, forward and backward) on each backend, a few calls
+each and no timing of its own, for a profiler to capture:
 
     ncu --section SpeedOfLight --section WarpStateStats --section Occupancy -k regex:'kernel|triton' \\
         python -m experiments.profile --shape 16x3x17x33 --dtype float16 --backends cuda cuda_naive torch_compile
@@ -9,7 +10,7 @@ import argparse
 
 import torch
 
-from experiments.sweep import BACKENDS, DTYPES, LAYOUTS, make_fn, make_inputs, parse_shape
+from experiments.sweep import BACKENDS, DTYPES, LAYOUTS, MODES, make_fn, make_inputs, parse_shape
 
 
 def main(argv=None):
@@ -18,13 +19,14 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--layout", choices=list(LAYOUTS), default="nchw")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["cuda", "triton", "torch_compile"])
-    parser.add_argument("--mode", choices=["eval", "train"], default="eval")
+    parser.add_argument("--mode", choices=list(MODES), default="eval")
     parser.add_argument("--calls", type=int, default=2, help="calls per backend (the first builds or compiles)")
     parser.add_argument("--device", default="cuda", help="cpu: through the Triton interpreter (a smoke test)")
     args = parser.parse_args(argv)
     x, params = make_inputs(args.shape, args.dtype, args.layout, args.device)
+    dy = torch.randn_like(x)
     for backend in args.backends:
-        fn = make_fn(backend, None, x, params, args.mode == "train")
+        fn = make_fn(backend, None, x, params, args.mode, dy)
         for _ in range(args.calls):
             fn()
         if x.is_cuda:

@@ -1,8 +1,8 @@
 """Every shape the experiments measure, as data. ResNet-50's are derived from its architecture."""
 
-from kernels import kernelbench
+from bn2d import kernelbench
 
-# KernelBench problem 33's input (kernels.kernelbench holds it, under KernelBench's names), and a quarter of it.
+# KernelBench problem 33's input (bn2d.kernelbench holds it, under KernelBench's names), and a quarter of it.
 KERNELBENCH = [(kernelbench.batch_size, kernelbench.features, kernelbench.dim1, kernelbench.dim2), (16, 64, 256, 256)]
 
 # ResNet-50 (torchvision v1.5: the stride sits on the 3x3 conv): stage widths, blocks per stage, strides.
@@ -35,4 +35,6 @@ PRESETS = {
     "smoke": KERNELBENCH[1:] + [(32, 256, 56, 56), (32, 2048, 7, 7), (1, 64, 56, 56)],
     "quick": KERNELBENCH + resnet50_bn_shapes(32) + ODD[:2],
     "full": KERNELBENCH + [s for b in (1, 32, 256) for s in resnet50_bn_shapes(b)] + LADDER + ODD,
+    # The training batches of ResNet-50: the shapes of the fwd+bwd goals (--modes train_backward).
+    "resnet50": [s for b in (32, 256) for s in resnet50_bn_shapes(b)],
 }
