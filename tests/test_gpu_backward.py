@@ -219,8 +219,9 @@ def test_parameters_in_the_input_dtype(shape, dtype, layout, training, path):
 @pytest.mark.parametrize("shape", [(2, 16, 8, 8), (4, 16, 14, 14), (8, 8, 64, 64)], ids=_id)
 def test_misaligned_tensors(shape, dtype, layout, training, path):
     """dy and x one element off their 16-byte alignment (views into longer buffers): the kernels must take
-    single elements there (dx, freshly allocated, stays aligned). The references see aligned copies: PyTorch's
-    own channels_last kernels fault on such views (a misaligned address, 2.11)."""
+    single elements there (dx, freshly allocated, stays aligned). The references see aligned copies of the same
+    values: with the views themselves, a channels_last case faulted (misaligned address) in a run where
+    PyTorch's own kernels read them too; whose kernel faulted is not yet established."""
     dy, x, mean, var, weight, bias = make_inputs(shape, dtype, layout, training, affine=True)
 
     def shifted(t):
