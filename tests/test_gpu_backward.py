@@ -220,8 +220,8 @@ def test_parameters_in_the_input_dtype(shape, dtype, layout, training, path):
 def test_misaligned_tensors(shape, dtype, layout, training, path):
     """dy and x one element off their 16-byte alignment (views into longer buffers): the kernels must take
     single elements there (dx, freshly allocated, stays aligned). The references see aligned copies of the same
-    values: with the views themselves, a channels_last case faulted (misaligned address) in a run where
-    PyTorch's own kernels read them too; whose kernel faulted is not yet established."""
+    values: PyTorch's own kernels (2.11, H200) faulted on channels_last float32 views (misaligned address),
+    where the CUDA backward, given the same views, passed."""
     dy, x, mean, var, weight, bias = make_inputs(shape, dtype, layout, training, affine=True)
 
     def shifted(t):
