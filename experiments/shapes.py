@@ -30,11 +30,13 @@ LADDER = [(32, 64, s, s) for s in (8, 16, 32, 64, 128, 256, 512)]
 
 # Planes that are not a whole number of 16-byte vectors, and odd channel counts.
 ODD = [(32, 64, 7, 7), (16, 3, 17, 33), (8, 96, 13, 13), (32, 17, 9, 11), (256, 2048, 1, 1)]
+# An RGB image batch: rows of three channels, narrower than any vector in channels_last.
+RGB = [(64, 3, 224, 224)]
 
 PRESETS = {
     "smoke": KERNELBENCH[1:] + [(32, 256, 56, 56), (32, 2048, 7, 7), (1, 64, 56, 56)],
-    "quick": KERNELBENCH + resnet50_bn_shapes(32) + ODD[:2],
-    "full": KERNELBENCH + [s for b in (1, 32, 256) for s in resnet50_bn_shapes(b)] + LADDER + ODD,
+    "quick": KERNELBENCH + resnet50_bn_shapes(32) + ODD[:2] + RGB,
+    "full": KERNELBENCH + [s for b in (1, 32, 256) for s in resnet50_bn_shapes(b)] + LADDER + ODD + RGB,
     # The training batches of ResNet-50: the shapes of the fwd+bwd goals (--modes train_backward).
     "resnet50": [s for b in (32, 256) for s in resnet50_bn_shapes(b)],
 }

@@ -53,10 +53,20 @@ CUDA_EVAL = [
      dict(vec=8, rows=4, threads=128)),
     ((256, 2048, 7, 7), F32, "channels_last", CudaConfig(threads=1024), "channels_last_kernel",
      dict(vec=4, threads=512)),
-    # 1x1 planes: NCHW memory is NHWC; a row of 3 channels is no vector.
+    # FLAT_BYTES: NCHW vectors that straddle planes, a pair per element up to 512 KB (planes shorter than a
+    # vector too).
+    ((1, 1, 1, 256 * 1024 - 1), F16, "nchw", CudaConfig(), "flat_kernel", dict(vec=8, threads=256)),
+    ((1, 1, 1, 256 * 1024 + 1), F16, "nchw", CudaConfig(), "small_kernel", dict(vec=8, whole=False, threads=256)),
+    ((16, 3, 17, 33), BF16, "nchw", CudaConfig(), "flat_kernel", dict(vec=8, threads=256)),
+    ((64, 8, 3, 3), F32, "nchw", CudaConfig(), "flat_kernel", dict(vec=4, threads=256)),
+    # 1x1 planes: NCHW memory is NHWC; a row of 3 channels is no vector: the flat kernel, whatever the size,
+    # unless a grid-stride grid is asked for.
     ((8, 64, 1, 1), F32, "nchw", CudaConfig(), "small_channels_last_kernel", dict(vec=4, rows=4, threads=128)),
-    ((32, 3, 224, 224), F16, "channels_last", CudaConfig(), "small_channels_last_kernel",
-     dict(vec=1, rows=1, threads=128)),
+    ((32, 3, 224, 224), F16, "channels_last", CudaConfig(), "flat_kernel", dict(vec=8, threads=256)),
+    ((256, 3, 224, 224), F16, "channels_last", CudaConfig(), "flat_kernel", dict(vec=8, threads=256)),
+    ((32, 17, 9, 11), F32, "channels_last", CudaConfig(), "flat_kernel", dict(vec=4, threads=256)),
+    ((256, 3, 224, 224), F16, "channels_last", CudaConfig(blocks_per_sm=2), "channels_last_kernel",
+     dict(vec=1, threads=256)),
 ]
 
 

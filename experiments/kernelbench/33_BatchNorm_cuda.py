@@ -36,14 +36,14 @@ namespace bn2d {
 
 // The eval kernels. Which one runs, with which vector width and block, is the plan's (dispatch.py): the
 // launchers below check that a plan is safe for the tensors, then launch it.
-enum class EvalKernel : int { Nchw, Small, ChannelsLast, SmallChannelsLast, Naive };
+enum class EvalKernel : int { Nchw, Small, ChannelsLast, SmallChannelsLast, Naive, Flat };
 
 struct Launch {
   DType dtype;
   const void* x;
   void* y;
   Params params;
-  int64_t numel, channels, plane;  // plane = H * W
+  int64_t numel, channels, plane;  // plane = H * W (flat_kernel on channels_last memory: 1)
   EvalKernel kernel;
   int vec;  // elements per vector access
   bool whole;  // NCHW: a plane is a whole number of vectors (else vectors straddle planes)
@@ -146,7 +146,7 @@ constexpr int UNROLL = 4;
 // channels_last_kernel: at that cap its bfloat16 instantiation spilled on sm_90 and took 1.4-6% longer than
 // float16 on large tensors, so its blocks take at most 512 threads (experiments/NOTES.md, "bfloat16
 // channels_last: a spill at the 64-register cap").
-constexpr int MAX_THREADS = 1024, CHANNELS_LAST_MAX_THREADS = 512;
+constexpr int MAX_THREADS = 1024, CHANNELS_LAST_MAX_THREADS = 512, FLAT_MAX_THREADS = 256;
 // channels_last: at most a warp along a row (32 vectors = 512 contiguous bytes); the rest of a block takes
 // more rows, so a block's channel range (and its shared-memory table) stays small.
 constexpr int MAX_ROW_THREADS = 32;
@@ -531,6 +531,39 @@ __global__ void __launch_bounds__(MAX_THREADS) small_channels_last_kernel(const 
   }
 }
 
+// Either layout as a flat array whose element k is in channel (k / plane) % channels (plane 1 for
+// channels_last): a vector per thread, as small_kernel, with a pair per element. 32-bit indices.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(FLAT_MAX_THREADS) flat_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                                          const Params p, uint32_t numel, FastDiv plane_div,
+                                                          uint32_t channels, FastDiv channel_div) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using vec_t = Vec<scalar_t, VEC>;
+  const uint32_t i = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+  if (i >= numel) return;
+  const auto affine = [=](uint32_t k) {
+    const uint32_t q = plane_div(k);
+    return channel_affine<scalar_t, acc_t>(p, q - channel_div(q) * channels);
+  };
+  const auto normalized = [=](const vec_t in) {
+    vec_t out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], affine(min(i + j, numel - 1)));
+    return out;
+  };
+  if (i + VEC > numel) {  // the partial last vector, on a path of its own (small_kernel's)
+    vec_t in;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) in.v[j] = x[min(i + j, numel - 1)];
+    const vec_t out = normalized(in);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if (i + j < numel) y[i + j] = out.v[j];
+    return;
+  }
+  *reinterpret_cast<vec_t*>(y + i) = normalized(*reinterpret_cast<const vec_t*>(x + i));
+}
+
 template <typename scalar_t>
 __global__ void naive_kernel(const scalar_t* x, scalar_t* y, const Params p, int numel, int plane, int channels) {
   using acc_t = typename Acc<scalar_t>::type;
@@ -627,6 +660,16 @@ cudaError_t small_channels_last_typed(const Launch& l) {
 }
 
 template <typename scalar_t>
+cudaError_t flat_typed(const Launch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  if (l.vec != VEC) return cudaErrorInvalidValue;
+  flat_kernel<scalar_t, VEC><<<cdiv(cdiv(l.numel, VEC), l.threads), l.threads, 0, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, uint32_t(l.numel),
+      make_fast_div(uint32_t(l.plane)), uint32_t(l.channels), make_fast_div(uint32_t(l.channels)));
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
 cudaError_t naive_typed(const Launch& l) {
   const int numel = int(l.numel);
   naive_kernel<scalar_t><<<(numel + 255) / 256, 256, 0, l.stream>>>(
@@ -645,6 +688,7 @@ cudaError_t eval_typed(const Launch& l) {
                           : l.vec == 1 ? channels_last_launch<scalar_t, 1>(l) : cudaErrorInvalidValue;
     case EvalKernel::SmallChannelsLast: return small_channels_last_typed<scalar_t>(l);
     case EvalKernel::Naive: return naive_typed<scalar_t>(l);
+    case EvalKernel::Flat: return flat_typed<scalar_t>(l);
   }
   return cudaErrorInvalidValue;
 }
@@ -654,9 +698,13 @@ cudaError_t eval_typed(const Launch& l) {
 const char* eval_plan_error(const Launch& l) {
   const int64_t element = element_size(l.dtype), bytes = l.vec * element;
   const bool nchw = l.kernel == EvalKernel::Nchw || l.kernel == EvalKernel::Small;
-  const bool small = l.kernel == EvalKernel::Small || l.kernel == EvalKernel::SmallChannelsLast;
+  const bool small = l.kernel == EvalKernel::Small || l.kernel == EvalKernel::SmallChannelsLast ||
+                     l.kernel == EvalKernel::Flat;
   if (l.kernel == EvalKernel::Naive) return l.numel <= INT32_MAX ? nullptr : "the naive kernel indexes in 32 bits";
-  if (l.threads < 32 || l.threads > (l.kernel == EvalKernel::ChannelsLast ? CHANNELS_LAST_MAX_THREADS : MAX_THREADS) ||
+  const int max_threads = l.kernel == EvalKernel::ChannelsLast ? CHANNELS_LAST_MAX_THREADS
+                          : l.kernel == EvalKernel::Flat       ? FLAT_MAX_THREADS
+                                                               : MAX_THREADS;
+  if (l.threads < 32 || l.threads > max_threads ||
       l.threads % 32)
     return "threads per block must be a multiple of 32 the kernel's launch bounds allow";
   if (l.vec < 1 || bytes > VEC_BYTES || !aligned(l.x, bytes) || !aligned(l.y, bytes))
@@ -664,7 +712,7 @@ const char* eval_plan_error(const Launch& l) {
   if (nchw && (l.whole ? l.plane % l.vec != 0 : small && l.plane < l.vec))
     return "the plan's vectors do not fit the planes";
   if (nchw && l.long_planes && l.plane < int64_t(l.threads) * UNROLL * l.vec) return "planes shorter than a tile";
-  if (!nchw && l.channels % l.vec != 0) return "the plan's vectors do not fit the rows of channels";
+  if (!nchw && l.kernel != EvalKernel::Flat && l.channels % l.vec != 0) return "the plan's vectors do not fit the rows of channels";
   if (small && l.numel >= (int64_t(1) << 31)) return "the small-tensor kernels index in 32 bits";
   if (l.kernel == EvalKernel::SmallChannelsLast) {
     const Params& p = l.params;
@@ -2114,14 +2162,14 @@ namespace bn2d {
 
 // The eval kernels. Which one runs, with which vector width and block, is the plan's (dispatch.py): the
 // launchers below check that a plan is safe for the tensors, then launch it.
-enum class EvalKernel : int { Nchw, Small, ChannelsLast, SmallChannelsLast, Naive };
+enum class EvalKernel : int { Nchw, Small, ChannelsLast, SmallChannelsLast, Naive, Flat };
 
 struct Launch {
   DType dtype;
   const void* x;
   void* y;
   Params params;
-  int64_t numel, channels, plane;  // plane = H * W
+  int64_t numel, channels, plane;  // plane = H * W (flat_kernel on channels_last memory: 1)
   EvalKernel kernel;
   int vec;  // elements per vector access
   bool whole;  // NCHW: a plane is a whole number of vectors (else vectors straddle planes)
@@ -2301,7 +2349,7 @@ std::string run(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tens
   if (x.numel() == 0) return "";
   bn2d::Launch l = unpack(plan);
   const bool nchw = l.kernel == bn2d::EvalKernel::Nchw || l.kernel == bn2d::EvalKernel::Small ||
-                    l.kernel == bn2d::EvalKernel::Naive;
+                    l.kernel == bn2d::EvalKernel::Naive || (l.kernel == bn2d::EvalKernel::Flat && x.is_contiguous());
   BN2D_REQUIRE(nchw ? x.is_contiguous() : x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.size(2) * x.size(3) == 1,
                "the plan's kernel reads another memory layout than the input's");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -2312,7 +2360,7 @@ std::string run(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tens
   l.params = params_of(weight, bias, mean, mean.data_ptr(), var.data_ptr(), stats_fp32, eps);
   l.numel = x.numel();
   l.channels = x.size(1);
-  l.plane = x.size(2) * x.size(3);
+  l.plane = nchw ? x.size(2) * x.size(3) : 1;  // the channels_last kernels read rows of channels
   l.max_blocks = max_blocks;
   l.stream = c10::cuda::getCurrentCUDAStream().stream();
   if (const char* error = bn2d::eval_plan_error(l)) return std::string("bn2d: ") + error;
@@ -2569,10 +2617,19 @@ SMALL_NARROW_BYTES = 2 << 20
 # tensors", "16-bit channels_last tensors of at most 2 MB: narrower threads").
 SMALL_CHANNELS_LAST_THREADS = 128
 SMALL_CHANNELS_LAST_ROWS = 4
-# channels_last_kernel's __launch_bounds__ (cuda_header.py): its bfloat16 build spilled at 1024 threads.
+# channels_last_kernel's __launch_bounds__ (cuda_header.py): its bfloat16 build spilled at 1024 threads; the flat
+# kernel's float16 build at 1024 (a pair per element: four parameter addresses each).
 CHANNELS_LAST_MAX_THREADS = 512
+FLAT_MAX_THREADS = 256
+# The flat kernel (a 16-byte vector a thread, a pair per element) for what no vector fits: channels_last rows of
+# channels not a whole number of vectors (single channels read 36% of copy on an RGB batch, 0.59x torch.compile:
+# H200, issue "the house"); NCHW tensors of at most FLAT_BYTES whose vectors straddle planes, where a pair per
+# element beat the straddling small kernel's two per vector (H200, eval_h200.csv at 659d341, CUDA graphs: the
+# naive kernel, a pair per element, 1.6-2.0 us against 2.2-3.1 us from 107 to 520 KB; the straddling kernel
+# ahead from 1.6 MB, 3.3 us against 5.3).
+FLAT_BYTES = 512 << 10
 _EVAL_KERNELS = {"nchw_kernel": 0, "small_kernel": 1, "channels_last_kernel": 2, "small_channels_last_kernel": 3,
-                 "naive_kernel": 4}
+                 "naive_kernel": 4, "flat_kernel": 5}
 
 
 def _pack(kernel: str, vec: int, whole: bool = True, long_planes: bool = False, rows: int = 0,
@@ -2611,6 +2668,9 @@ def cuda_eval(x, weight, bias, mean, var, y=None, config: CudaConfig = CudaConfi
             vec, whole, why = full // 2, True, "8-byte vectors: planes a whole number of them, not of 16 bytes"
         else:
             vec, whole, why = full, False, "16-byte vectors that straddle planes"
+        if not whole and _small(config, x, FLAT_BYTES):
+            return _eval_plan("flat_kernel", layout, f"{why}; small tensor: a vector a thread, a pair per element",
+                              vec, threads=min(config.threads or DEFAULT_THREADS, FLAT_MAX_THREADS))
         narrow = vec == 1 or (not whole and elem == 2)
         threads = config.threads or DEFAULT_THREADS
         if (whole or plane >= vec) and _small(config, x, SMALL_NARROW_BYTES if narrow else SMALL_BYTES):
@@ -2620,6 +2680,10 @@ def cuda_eval(x, weight, bias, mean, var, y=None, config: CudaConfig = CudaConfi
         return _eval_plan("nchw_kernel", layout, f"{why}; tiles " + ("within two planes, no table" if long_planes
                                                                      else "with a table of their planes"),
                           vec, whole=whole, long_planes=long_planes, threads=threads)
+    if aligned and x.size(1) % full and numel < 2 ** 31 and config.blocks_per_sm == 0:
+        return _eval_plan("flat_kernel", layout, "rows of channels not a whole number of 16-byte vectors: a vector "
+                          "a thread, a pair per element", full, threads=min(config.threads or DEFAULT_THREADS,
+                                                                              FLAT_MAX_THREADS))
     vec = full if aligned and x.size(1) % full == 0 else 1
     why = "16-byte vectors of channels" if vec > 1 else "single channels: rows not a whole number of 16 bytes"
     params = not pointers or all(_aligned(t, vec * t.element_size()) for t in (weight, bias, mean, var) if t is not None)

@@ -73,10 +73,19 @@ SMALL_NARROW_BYTES = 2 << 20
 # tensors", "16-bit channels_last tensors of at most 2 MB: narrower threads").
 SMALL_CHANNELS_LAST_THREADS = 128
 SMALL_CHANNELS_LAST_ROWS = 4
-# channels_last_kernel's __launch_bounds__ (cuda_header.py): its bfloat16 build spilled at 1024 threads.
+# channels_last_kernel's __launch_bounds__ (cuda_header.py): its bfloat16 build spilled at 1024 threads; the flat
+# kernel's float16 build at 1024 (a pair per element: four parameter addresses each).
 CHANNELS_LAST_MAX_THREADS = 512
+FLAT_MAX_THREADS = 256
+# The flat kernel (a 16-byte vector a thread, a pair per element) for what no vector fits: channels_last rows of
+# channels not a whole number of vectors (single channels read 36% of copy on an RGB batch, 0.59x torch.compile:
+# H200, issue "the house"); NCHW tensors of at most FLAT_BYTES whose vectors straddle planes, where a pair per
+# element beat the straddling small kernel's two per vector (H200, eval_h200.csv at 659d341, CUDA graphs: the
+# naive kernel, a pair per element, 1.6-2.0 us against 2.2-3.1 us from 107 to 520 KB; the straddling kernel
+# ahead from 1.6 MB, 3.3 us against 5.3).
+FLAT_BYTES = 512 << 10
 _EVAL_KERNELS = {"nchw_kernel": 0, "small_kernel": 1, "channels_last_kernel": 2, "small_channels_last_kernel": 3,
-                 "naive_kernel": 4}
+                 "naive_kernel": 4, "flat_kernel": 5}
 
 
 def _pack(kernel: str, vec: int, whole: bool = True, long_planes: bool = False, rows: int = 0,
@@ -115,6 +124,9 @@ def cuda_eval(x, weight, bias, mean, var, y=None, config: CudaConfig = CudaConfi
             vec, whole, why = full // 2, True, "8-byte vectors: planes a whole number of them, not of 16 bytes"
         else:
             vec, whole, why = full, False, "16-byte vectors that straddle planes"
+        if not whole and _small(config, x, FLAT_BYTES):
+            return _eval_plan("flat_kernel", layout, f"{why}; small tensor: a vector a thread, a pair per element",
+                              vec, threads=min(config.threads or DEFAULT_THREADS, FLAT_MAX_THREADS))
         narrow = vec == 1 or (not whole and elem == 2)
         threads = config.threads or DEFAULT_THREADS
         if (whole or plane >= vec) and _small(config, x, SMALL_NARROW_BYTES if narrow else SMALL_BYTES):
@@ -124,6 +136,10 @@ def cuda_eval(x, weight, bias, mean, var, y=None, config: CudaConfig = CudaConfi
         return _eval_plan("nchw_kernel", layout, f"{why}; tiles " + ("within two planes, no table" if long_planes
                                                                      else "with a table of their planes"),
                           vec, whole=whole, long_planes=long_planes, threads=threads)
+    if aligned and x.size(1) % full and numel < 2 ** 31 and config.blocks_per_sm == 0:
+        return _eval_plan("flat_kernel", layout, "rows of channels not a whole number of 16-byte vectors: a vector "
+                          "a thread, a pair per element", full, threads=min(config.threads or DEFAULT_THREADS,
+                                                                              FLAT_MAX_THREADS))
     vec = full if aligned and x.size(1) % full == 0 else 1
     why = "16-byte vectors of channels" if vec > 1 else "single channels: rows not a whole number of 16 bytes"
     params = not pointers or all(_aligned(t, vec * t.element_size()) for t in (weight, bias, mean, var) if t is not None)

@@ -96,7 +96,7 @@ std::string run(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tens
   if (x.numel() == 0) return "";
   bn2d::Launch l = unpack(plan);
   const bool nchw = l.kernel == bn2d::EvalKernel::Nchw || l.kernel == bn2d::EvalKernel::Small ||
-                    l.kernel == bn2d::EvalKernel::Naive;
+                    l.kernel == bn2d::EvalKernel::Naive || (l.kernel == bn2d::EvalKernel::Flat && x.is_contiguous());
   BN2D_REQUIRE(nchw ? x.is_contiguous() : x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.size(2) * x.size(3) == 1,
                "the plan's kernel reads another memory layout than the input's");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -107,7 +107,7 @@ std::string run(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tens
   l.params = params_of(weight, bias, mean, mean.data_ptr(), var.data_ptr(), stats_fp32, eps);
   l.numel = x.numel();
   l.channels = x.size(1);
-  l.plane = x.size(2) * x.size(3);
+  l.plane = nchw ? x.size(2) * x.size(3) : 1;  // the channels_last kernels read rows of channels
   l.max_blocks = max_blocks;
   l.stream = c10::cuda::getCurrentCUDAStream().stream();
   if (const char* error = bn2d::eval_plan_error(l)) return std::string("bn2d: ") + error;

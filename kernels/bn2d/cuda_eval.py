@@ -13,6 +13,10 @@
 * ``small_channels_last_kernel`` -- channels_last tensors of a few megabytes: a thread per four rows of one
   16-byte vector of channels (16-bit tensors of at most 2 MB: two rows of an 8-byte vector), the channels'
   parameters loaded as vectors, no table, no barrier, no loop.
+* ``flat_kernel`` -- tensors whose vectors fit neither their planes nor their rows of channels (channels_last
+  rows narrower than a vector, such as an RGB batch; small NCHW tensors whose vectors would straddle planes):
+  a 16-byte vector per thread, each element's channel and scale and shift its own (L1 hits), the way
+  torch.compile's kernel reads them.
 * ``naive_kernel`` -- the study's starting point: one thread per element, 256 threads, a flat 32-bit
   index and ``(x - mean) / sqrt(var + eps)`` per element.
 """
@@ -22,14 +26,14 @@ namespace bn2d {
 
 // The eval kernels. Which one runs, with which vector width and block, is the plan's (dispatch.py): the
 // launchers below check that a plan is safe for the tensors, then launch it.
-enum class EvalKernel : int { Nchw, Small, ChannelsLast, SmallChannelsLast, Naive };
+enum class EvalKernel : int { Nchw, Small, ChannelsLast, SmallChannelsLast, Naive, Flat };
 
 struct Launch {
   DType dtype;
   const void* x;
   void* y;
   Params params;
-  int64_t numel, channels, plane;  // plane = H * W
+  int64_t numel, channels, plane;  // plane = H * W (flat_kernel on channels_last memory: 1)
   EvalKernel kernel;
   int vec;  // elements per vector access
   bool whole;  // NCHW: a plane is a whole number of vectors (else vectors straddle planes)
@@ -300,6 +304,39 @@ __global__ void __launch_bounds__(MAX_THREADS) small_channels_last_kernel(const 
   }
 }
 
+// Either layout as a flat array whose element k is in channel (k / plane) % channels (plane 1 for
+// channels_last): a vector per thread, as small_kernel, with a pair per element. 32-bit indices.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(FLAT_MAX_THREADS) flat_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                                          const Params p, uint32_t numel, FastDiv plane_div,
+                                                          uint32_t channels, FastDiv channel_div) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using vec_t = Vec<scalar_t, VEC>;
+  const uint32_t i = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+  if (i >= numel) return;
+  const auto affine = [=](uint32_t k) {
+    const uint32_t q = plane_div(k);
+    return channel_affine<scalar_t, acc_t>(p, q - channel_div(q) * channels);
+  };
+  const auto normalized = [=](const vec_t in) {
+    vec_t out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = apply(in.v[j], affine(min(i + j, numel - 1)));
+    return out;
+  };
+  if (i + VEC > numel) {  // the partial last vector, on a path of its own (small_kernel's)
+    vec_t in;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) in.v[j] = x[min(i + j, numel - 1)];
+    const vec_t out = normalized(in);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if (i + j < numel) y[i + j] = out.v[j];
+    return;
+  }
+  *reinterpret_cast<vec_t*>(y + i) = normalized(*reinterpret_cast<const vec_t*>(x + i));
+}
+
 template <typename scalar_t>
 __global__ void naive_kernel(const scalar_t* x, scalar_t* y, const Params p, int numel, int plane, int channels) {
   using acc_t = typename Acc<scalar_t>::type;
@@ -396,6 +433,16 @@ cudaError_t small_channels_last_typed(const Launch& l) {
 }
 
 template <typename scalar_t>
+cudaError_t flat_typed(const Launch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  if (l.vec != VEC) return cudaErrorInvalidValue;
+  flat_kernel<scalar_t, VEC><<<cdiv(cdiv(l.numel, VEC), l.threads), l.threads, 0, l.stream>>>(
+      static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, uint32_t(l.numel),
+      make_fast_div(uint32_t(l.plane)), uint32_t(l.channels), make_fast_div(uint32_t(l.channels)));
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
 cudaError_t naive_typed(const Launch& l) {
   const int numel = int(l.numel);
   naive_kernel<scalar_t><<<(numel + 255) / 256, 256, 0, l.stream>>>(
@@ -414,6 +461,7 @@ cudaError_t eval_typed(const Launch& l) {
                           : l.vec == 1 ? channels_last_launch<scalar_t, 1>(l) : cudaErrorInvalidValue;
     case EvalKernel::SmallChannelsLast: return small_channels_last_typed<scalar_t>(l);
     case EvalKernel::Naive: return naive_typed<scalar_t>(l);
+    case EvalKernel::Flat: return flat_typed<scalar_t>(l);
   }
   return cudaErrorInvalidValue;
 }
@@ -423,9 +471,13 @@ cudaError_t eval_typed(const Launch& l) {
 const char* eval_plan_error(const Launch& l) {
   const int64_t element = element_size(l.dtype), bytes = l.vec * element;
   const bool nchw = l.kernel == EvalKernel::Nchw || l.kernel == EvalKernel::Small;
-  const bool small = l.kernel == EvalKernel::Small || l.kernel == EvalKernel::SmallChannelsLast;
+  const bool small = l.kernel == EvalKernel::Small || l.kernel == EvalKernel::SmallChannelsLast ||
+                     l.kernel == EvalKernel::Flat;
   if (l.kernel == EvalKernel::Naive) return l.numel <= INT32_MAX ? nullptr : "the naive kernel indexes in 32 bits";
-  if (l.threads < 32 || l.threads > (l.kernel == EvalKernel::ChannelsLast ? CHANNELS_LAST_MAX_THREADS : MAX_THREADS) ||
+  const int max_threads = l.kernel == EvalKernel::ChannelsLast ? CHANNELS_LAST_MAX_THREADS
+                          : l.kernel == EvalKernel::Flat       ? FLAT_MAX_THREADS
+                                                               : MAX_THREADS;
+  if (l.threads < 32 || l.threads > max_threads ||
       l.threads % 32)
     return "threads per block must be a multiple of 32 the kernel's launch bounds allow";
   if (l.vec < 1 || bytes > VEC_BYTES || !aligned(l.x, bytes) || !aligned(l.y, bytes))
@@ -433,7 +485,7 @@ const char* eval_plan_error(const Launch& l) {
   if (nchw && (l.whole ? l.plane % l.vec != 0 : small && l.plane < l.vec))
     return "the plan's vectors do not fit the planes";
   if (nchw && l.long_planes && l.plane < int64_t(l.threads) * UNROLL * l.vec) return "planes shorter than a tile";
-  if (!nchw && l.channels % l.vec != 0) return "the plan's vectors do not fit the rows of channels";
+  if (!nchw && l.kernel != EvalKernel::Flat && l.channels % l.vec != 0) return "the plan's vectors do not fit the rows of channels";
   if (small && l.numel >= (int64_t(1) << 31)) return "the small-tensor kernels index in 32 bits";
   if (l.kernel == EvalKernel::SmallChannelsLast) {
     const Params& p = l.params;

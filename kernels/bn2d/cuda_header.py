@@ -49,7 +49,7 @@ constexpr int UNROLL = 4;
 // channels_last_kernel: at that cap its bfloat16 instantiation spilled on sm_90 and took 1.4-6% longer than
 // float16 on large tensors, so its blocks take at most 512 threads (experiments/NOTES.md, "bfloat16
 // channels_last: a spill at the 64-register cap").
-constexpr int MAX_THREADS = 1024, CHANNELS_LAST_MAX_THREADS = 512;
+constexpr int MAX_THREADS = 1024, CHANNELS_LAST_MAX_THREADS = 512, FLAT_MAX_THREADS = 256;
 // channels_last: at most a warp along a row (32 vectors = 512 contiguous bytes); the rest of a block takes
 // more rows, so a block's channel range (and its shared-memory table) stays small.
 constexpr int MAX_ROW_THREADS = 32;
