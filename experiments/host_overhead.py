@@ -1,11 +1,14 @@
 """Host overhead of one eager call: back-to-back calls on a small tensor (1x64x56x56), wall clock per call,
 against a bare ``x.clone()`` (the floor for any op that allocates its output). On a small tensor the GPU
-finishes each kernel before the host has launched the next, so the time per call is the host's.
+finishes each kernel before the host has launched the next, so the time per call is the host's. Eval calls
+run under inference mode, as a deployment does; "train fwd+bwd" is a training module's forward and
+backward with autograd (``y = bn(x); y.backward(dy)``), as a training step calls it.
 
     python -m experiments.host_overhead                   # appends to experiments/results/host_<gpu>.csv
 """
 import argparse
 import contextlib
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.environment import capture, results_path, write_csv
-from bn2d import BatchNorm2d, batch_norm, cuda_module, functional, triton_kernels
+from bn2d import BatchNorm2d, batch_norm, cuda_backward, cuda_module, functional, triton_backward, triton_kernels
 
 
 class CloneModule(torch.nn.Module):
@@ -36,7 +39,9 @@ def cases(x, backends):
     yield "empty_like", "torch", lambda: torch.empty_like(x)
     yield "F.batch_norm", "torch", lambda: F.batch_norm(x, *stats)
     yield "nn.BatchNorm2d", "torch", lambda: reference(x)
+    yield "train fwd+bwd", "torch", train_step(torch.nn.BatchNorm2d, x)
     for backend in backends:
+        yield "train fwd+bwd", backend, train_step(functools.partial(BatchNorm2d, backend=backend), x)
         module = BatchNorm2d(c, backend=backend).to(x.device).eval()
         out = torch.empty_like(x)
         yield "BatchNorm2d", backend, lambda module=module: module(x)
@@ -54,6 +59,20 @@ def cases(x, backends):
             # its first check.
             bound, cpu = cuda_module.module().eval_forward, x.cpu()
             yield "binding", backend, lambda: bound(cpu, None, None, *stats, 1e-5, 0)
+
+
+def train_step(make_module, x):
+    """A training module's forward and backward, outside inference mode: the module (make_module(C)), a leaf
+    copy of x that needs a grad, and dy made there."""
+    with torch.inference_mode(False):
+        module = make_module(x.size(1)).to(x.device)
+        x = x.clone().requires_grad_()
+        dy = torch.randn_like(x)
+
+    def step():
+        with torch.inference_mode(False):
+            module(x).backward(dy)
+    return step
 
 
 def per_call_us(fns, calls: int, repeats: int, sync):
@@ -90,7 +109,7 @@ def main(argv=None):
     parser.add_argument("--variant", help="the A/B variant these rows measure (default: 'default', or "
                                           "'python_only' with --python-only)")
     args = parser.parse_args(argv)
-    x = torch.randn(*map(int, args.shape.split("x")), device=args.device)
+    x = torch.randn(*map(int, args.shape.split("x")), device=args.device)  # outside inference mode: train_step's
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     env = capture()
     rows = []
@@ -99,6 +118,12 @@ def main(argv=None):
             stubs.enter_context(mock.patch.object(functional, "_runs_kernels", lambda x, backend: backend != "torch"))
             for kernels in (cuda_module, triton_kernels):
                 stubs.enter_context(mock.patch.object(kernels, "normalize", lambda *launch: None))
+                stubs.enter_context(mock.patch.object(kernels, "fused_training", lambda *launch: None))
+                stubs.enter_context(mock.patch.object(kernels, "batch_stats",
+                                                      lambda x, *launch: functional._stats_like(x)))
+            for kernels in (cuda_backward, triton_backward):
+                stubs.enter_context(mock.patch.object(kernels, "backward", lambda dy, x, mean, var, weight, *launch: (
+                    torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean))))
             stubs.enter_context(mock.patch.object(cuda_module, "eval_forward", lambda x, *args: x))
         names, backends, fns = zip(*cases(x, args.backends))
         timings = per_call_us(fns, args.calls, args.repeats, sync)

@@ -217,7 +217,7 @@ def test_host_overhead_python_only_takes_the_kernel_path(tmp_path):
                             "--calls", "2", "--repeats", "2", "--out", str(out)])
     assert layout.called  # only the kernels' path lays the input out
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 9 and {r["variant"] for r in rows} == {"python_only"}
+    assert len(rows) == 11 and {r["variant"] for r in rows} == {"python_only"}
 
 
 def test_headline_table_from_the_fixture():
