@@ -74,10 +74,11 @@ def normalize_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps,
 
 
 # The flat kernel reads the tensor as one aligned array and gathers each element's scale and shift by its
-# channel, (offset // PLANE) % C with PLANE a compile-time constant (H*W for NCHW, 1 for channels_last), as
-# torch.compile's generated kernel does.
+# channel, (offset // PLANE) % C with PLANE and C compile-time constants (PLANE: H*W for NCHW, 1 for
+# channels_last), as torch.compile's generated kernel does: a division by a constant is a multiply and a shift,
+# by a runtime value a long sequence, per element (a tiny tensor waits on it).
 @triton.jit
-def normalize_flat_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps, NUMEL, C,
+def normalize_flat_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, eps, NUMEL, C: tl.constexpr,
                           PLANE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                           BLOCK: tl.constexpr, WIDE: tl.constexpr, PLANES: tl.constexpr):
     # 32-bit offsets unless the tensor needs more: the division below runs per element (and the modulo where
