@@ -117,7 +117,7 @@ def test_double_backward_says_so():
 
 
 def test_explain_for_a_training_call_with_grad():
-    """With autograd the forward keeps its statistics for the backward: Triton's read-once kernels do, and a
+    """With autograd the forward keeps its statistics for the backward: the read-once kernels do, and a
     tensor too large for them takes the statistics kernels, then the normalisation."""
     x = torch.randn(2, 3, 4, 4, device=DEVICE, requires_grad=True)
     assert [p.kernels for p in explain(x, None, None, training=True, backend="triton")] == [("channel_kernel",)]

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import BACKENDS, DEVICE, HAS_GPU, SHAPES, TOLERANCE, gpu, make_layout, make_params
 
-from bn2d import CudaConfig, batch_norm, cuda_module, dispatch, explain, output_like, triton_kernels
+from bn2d import CudaConfig, batch_norm, cuda_module, dispatch, explain, functional, output_like, triton_kernels
 from bn2d.reference import batch_norm_error, batch_stats_reference, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -153,3 +153,26 @@ def test_read_once_rule():
     assert rule((64, 64, 512, 512)) == "grid" and rule((64, 64, 512, 512), torch.float16) == ""
     assert _fits_triton((32, 2048, 14, 14)) and not _fits_triton((32, 256, 28, 28))
     assert _fits_triton((32, 2048, 7, 7), "channels_last") and not _fits_triton((32, 2048, 14, 14), "channels_last")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", [(4, 16, 9, 9), (8, 4, 64, 65)], ids=["read_once", "three_kernels"])
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
+def test_saved_statistics(monkeypatch, backend, shape, dtype, layout):
+    """The batch mean and biased variance a training forward keeps for the backward (`save`), from whichever
+    kernels its plan runs, poisoned first: float32 (float64 for float64 input), within 1e-5 of float64's."""
+    if backend == "torch":
+        pytest.skip("PyTorch keeps its own")
+    stats_like = functional._stats_like
+    monkeypatch.setattr(functional, "_stats_like", lambda x: tuple(t.fill_(float("nan")) for t in stats_like(x)))
+    x = make_layout((torch.randn(shape, device=DEVICE) * 2 + 3).to(dtype), layout)
+    params = make_params(shape[1])
+    plans = functional._train_plans(x, None, *params[2:], backend, functional._config(backend, None), True)
+    assert (len(plans) == 1) == (shape[2] == 9), [p.kernels for p in plans]
+    y = torch.empty_like(x)
+    mean, var = functional._train(x, y, params[2], params[3], *params[:2], 0.1, 1e-5, backend,
+                                  functional._config(backend, None), save=True)
+    assert mean.dtype == var.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    expected = batch_stats_reference(x)
+    assert relative_error(mean, expected[0]) <= 1e-5 and relative_error(var, expected[1]) <= 1e-5

@@ -67,8 +67,9 @@ namespace bn2d {
 // float64 input) and updates the running statistics (float32 or the input's dtype; null: none).
 // `fused`: the training forward in one kernel that reads x once and also writes y = x normalised with
 // `params` (whose mean and var it ignores): a block per channel (NCHW; a channel that fits in a block's
-// shared memory) or per group of channels (channels_last; 32 bytes of each row), or a persistent grid
-// (contiguous NCHW, float32, 16-byte aligned, planes of whole vectors).
+// shared memory) or per group of channels (channels_last; 32 bytes of each row), which also write the batch
+// statistics to `mean` and `var` where those are not null (for the backward), or a persistent grid
+// (contiguous NCHW, float32, 16-byte aligned, planes of whole vectors), which does not.
 enum class Fused : int { None, Channel, Grid };
 
 struct StatsLaunch {
@@ -1136,7 +1137,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int units,
     int64_t plane_vecs, FastDiv plane_div, void* running_mean, void* running_var, bool running_fp32,
-    double momentum) {
+    double momentum, typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   __shared__ double scratch[32];
@@ -1180,6 +1181,10 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
     yv[at(i)] = out;
   }
   if (updates) store_running<scalar_t>(running_mean, running_var, running_fp32, c, old, t, momentum);
+  if (threadIdx.x == 0 && save_mean != nullptr) {
+    save_mean[c] = acc_t(t.mean);
+    save_var[c] = acc_t(t.m2 / t.n);
+  }
 }
 
 // The same for channels_last, where a channel is a column of the N * H * W rows: a block per group of
@@ -1211,7 +1216,8 @@ __device__ void column_sums(double (&v)[K], int cols, double* scratch) {
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int rows, int cols,
-    void* running_mean, void* running_var, bool running_fp32, double momentum) {
+    void* running_mean, void* running_var, bool running_fp32, double momentum,
+    typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   __shared__ double scratch[CHANNEL_THREADS / 32 * GROUP_BYTES / 2];  // cols * VEC <= 16 channels
@@ -1276,9 +1282,15 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
   }
 #pragma unroll
   for (int j = 0; j < VEC; ++j)
-    if (threadIdx.x / cols == j && running_mean != nullptr)
-      store_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j, old,
-                              Summary<double>{double(rows), sum[j] * per_row, m2[j]}, momentum);
+    if (threadIdx.x / cols == j) {
+      if (running_mean != nullptr)
+        store_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j, old,
+                                Summary<double>{double(rows), sum[j] * per_row, m2[j]}, momentum);
+      if (save_mean != nullptr) {
+        save_mean[c0 + j] = acc_t(sum[j] * per_row);
+        save_var[c0 + j] = acc_t(m2[j] * per_row);
+      }
+    }
 }
 
 
@@ -1391,7 +1403,8 @@ cudaError_t channel_launch(const StatsLaunch& l) {
   if (const cudaError_t error = reserve_shared(kernel, shared); error != cudaSuccess) return error;
   kernel<<<l.channels, channel_threads(kernel, shared, l.channels), shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(units), plane_vecs,
-      make_fast_div(uint32_t(plane_vecs)), l.running_mean, l.running_var, l.running_fp32, l.momentum);
+      make_fast_div(uint32_t(plane_vecs)), l.running_mean, l.running_var, l.running_fp32, l.momentum,
+      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var));
   return cudaGetLastError();
 }
 
@@ -1417,7 +1430,8 @@ cudaError_t channel_group_launch(const StatsLaunch& l) {
   const int64_t groups = cdiv(l.channels, int64_t(cols) * VEC);
   kernel<<<groups, channel_threads(kernel, shared, groups), shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(rows), cols,
-      l.running_mean, l.running_var, l.running_fp32, l.momentum);
+      l.running_mean, l.running_var, l.running_fp32, l.momentum,
+      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var));
   return cudaGetLastError();
 }
 
@@ -1442,6 +1456,7 @@ const char* stats_plan_error(const StatsLaunch& l) {
   if (l.fused == Fused::Grid && (l.dtype != DType::Float || l.vec != VEC_BYTES / 4 || l.channels_last ||
                                  l.numel / l.channels / l.vec > INT32_MAX))
     return "the persistent kernel needs float32 NCHW in 16-byte vectors, fewer than 2^31 of them per channel";
+  if (l.fused == Fused::Grid && l.mean != nullptr) return "the persistent kernel does not give the batch statistics";
   return nullptr;
 }
 
@@ -2193,8 +2208,9 @@ namespace bn2d {
 // float64 input) and updates the running statistics (float32 or the input's dtype; null: none).
 // `fused`: the training forward in one kernel that reads x once and also writes y = x normalised with
 // `params` (whose mean and var it ignores): a block per channel (NCHW; a channel that fits in a block's
-// shared memory) or per group of channels (channels_last; 32 bytes of each row), or a persistent grid
-// (contiguous NCHW, float32, 16-byte aligned, planes of whole vectors).
+// shared memory) or per group of channels (channels_last; 32 bytes of each row), which also write the batch
+// statistics to `mean` and `var` where those are not null (for the backward), or a persistent grid
+// (contiguous NCHW, float32, 16-byte aligned, planes of whole vectors), which does not.
 enum class Fused : int { None, Channel, Grid };
 
 struct StatsLaunch {
@@ -2449,13 +2465,21 @@ std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
 // Training mode in one kernel that reads x from device memory once: y normalised with the batch statistics,
 // and the running statistics updated (when given). `per_channel`: a block per channel of contiguous NCHW, or
 // per channel group of channels_last (the channel or group must fit in a block's shared memory); else the
-// persistent grid (contiguous NCHW, float32 in 16-byte vectors). `vec`: elements per vector access.
+// persistent grid (contiguous NCHW, float32 in 16-byte vectors). `vec`: elements per vector access. The batch
+// mean and biased variance into `mean` and `var` where given (float32, float64 for float64 input; a block per
+// channel or group only).
 std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                            const c10::optional<at::Tensor>& running_var, double momentum, double eps,
-                           bool per_channel, int64_t vec) {
+                           bool per_channel, int64_t vec, const c10::optional<at::Tensor>& mean,
+                           const c10::optional<at::Tensor>& var) {
   if (auto error = check_io(x, y); !error.empty()) return error;
   if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
+  if (auto error = check_pair(x, mean, var); !error.empty()) return error;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  BN2D_REQUIRE(mean.has_value() == var.has_value() && (!mean.has_value() || (mean->scalar_type() == acc &&
+                                                                             var->scalar_type() == acc)),
+               "batch mean and variance: both or neither, float32 (float64 for float64 input)");
   const bool channels_last = !x.is_contiguous();
   BN2D_REQUIRE(!channels_last || (per_channel && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
                "fused_training takes a contiguous (NCHW) input, or a channels_last one for a block per channel");
@@ -2463,6 +2487,8 @@ std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::option
   launch.y = y.data_ptr();
   launch.params = params_of(weight, bias, x, nullptr, nullptr, x.scalar_type() == at::kFloat, eps);
   launch.fused = per_channel ? bn2d::Fused::Channel : bn2d::Fused::Grid;
+  launch.mean = mean.has_value() ? mean->data_ptr() : nullptr;
+  launch.var = var.has_value() ? var->data_ptr() : nullptr;
   return run_training(x, running_mean, running_var, momentum, channels_last, vec, launch);
 }
 
@@ -2717,11 +2743,9 @@ GRID_MIN_CHANNEL_BYTES = 32 << 20
 
 def cuda_train(x, y=None, config: CudaConfig = CudaConfig(), save: bool = False) -> Plan:
     """The CUDA training-forward plan for x laid out as layout_of(x) (y: the output, None for a fresh one);
-    `save`: one that gives the batch statistics, which the read-once kernels do not."""
+    `save`: one that gives the batch statistics (for the backward), which the persistent grid does not."""
     n, c, h, w = x.shape
     layout, channel_bytes = layout_of(x), n * h * w * x.element_size()
-    if save:
-        config = config._replace(fused=0)
     if config.fused != 0 and layout == "channels_last":
         row_bytes = c * x.element_size()
         if (n * h * w * min(row_bytes, GROUP_BYTES) <= CHANNEL_BLOCK_BYTES
@@ -2732,7 +2756,7 @@ def cuda_train(x, y=None, config: CudaConfig = CudaConfig(), save: bool = False)
         if channel_bytes <= CHANNEL_BLOCK_BYTES:
             return cuda_train_plan(x, y, "channel_kernel", "a block per channel holds it in shared memory: x read once")
         grid = x.dtype == torch.float32 and n * h * w < 2 ** 33 and cuda_vec(x, y, 4) == 4
-        if grid and (config.fused == 1 or channel_bytes >= GRID_MIN_CHANNEL_BYTES):
+        if grid and not save and (config.fused == 1 or channel_bytes >= GRID_MIN_CHANNEL_BYTES):
             return cuda_train_plan(x, y, "fused_nchw_kernel",
                                    "a persistent grid keeps each channel on chip across a grid barrier: x read once")
     return cuda_train_plan(x, None, "channels_last_stats_kernel" if layout == "channels_last" else "nchw_stats_kernel",

@@ -173,11 +173,9 @@ GRID_MIN_CHANNEL_BYTES = 32 << 20
 
 def cuda_train(x, y=None, config: CudaConfig = CudaConfig(), save: bool = False) -> Plan:
     """The CUDA training-forward plan for x laid out as layout_of(x) (y: the output, None for a fresh one);
-    `save`: one that gives the batch statistics, which the read-once kernels do not."""
+    `save`: one that gives the batch statistics (for the backward), which the persistent grid does not."""
     n, c, h, w = x.shape
     layout, channel_bytes = layout_of(x), n * h * w * x.element_size()
-    if save:
-        config = config._replace(fused=0)
     if config.fused != 0 and layout == "channels_last":
         row_bytes = c * x.element_size()
         if (n * h * w * min(row_bytes, GROUP_BYTES) <= CHANNEL_BLOCK_BYTES
@@ -188,7 +186,7 @@ def cuda_train(x, y=None, config: CudaConfig = CudaConfig(), save: bool = False)
         if channel_bytes <= CHANNEL_BLOCK_BYTES:
             return cuda_train_plan(x, y, "channel_kernel", "a block per channel holds it in shared memory: x read once")
         grid = x.dtype == torch.float32 and n * h * w < 2 ** 33 and cuda_vec(x, y, 4) == 4
-        if grid and (config.fused == 1 or channel_bytes >= GRID_MIN_CHANNEL_BYTES):
+        if grid and not save and (config.fused == 1 or channel_bytes >= GRID_MIN_CHANNEL_BYTES):
             return cuda_train_plan(x, y, "fused_nchw_kernel",
                                    "a persistent grid keeps each channel on chip across a grid barrier: x read once")
     return cuda_train_plan(x, None, "channels_last_stats_kernel" if layout == "channels_last" else "nchw_stats_kernel",

@@ -196,13 +196,21 @@ std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
 // Training mode in one kernel that reads x from device memory once: y normalised with the batch statistics,
 // and the running statistics updated (when given). `per_channel`: a block per channel of contiguous NCHW, or
 // per channel group of channels_last (the channel or group must fit in a block's shared memory); else the
-// persistent grid (contiguous NCHW, float32 in 16-byte vectors). `vec`: elements per vector access.
+// persistent grid (contiguous NCHW, float32 in 16-byte vectors). `vec`: elements per vector access. The batch
+// mean and biased variance into `mean` and `var` where given (float32, float64 for float64 input; a block per
+// channel or group only).
 std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                            const c10::optional<at::Tensor>& running_var, double momentum, double eps,
-                           bool per_channel, int64_t vec) {
+                           bool per_channel, int64_t vec, const c10::optional<at::Tensor>& mean,
+                           const c10::optional<at::Tensor>& var) {
   if (auto error = check_io(x, y); !error.empty()) return error;
   if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
+  if (auto error = check_pair(x, mean, var); !error.empty()) return error;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  BN2D_REQUIRE(mean.has_value() == var.has_value() && (!mean.has_value() || (mean->scalar_type() == acc &&
+                                                                             var->scalar_type() == acc)),
+               "batch mean and variance: both or neither, float32 (float64 for float64 input)");
   const bool channels_last = !x.is_contiguous();
   BN2D_REQUIRE(!channels_last || (per_channel && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
                "fused_training takes a contiguous (NCHW) input, or a channels_last one for a block per channel");
@@ -210,6 +218,8 @@ std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::option
   launch.y = y.data_ptr();
   launch.params = params_of(weight, bias, x, nullptr, nullptr, x.scalar_type() == at::kFloat, eps);
   launch.fused = per_channel ? bn2d::Fused::Channel : bn2d::Fused::Grid;
+  launch.mean = mean.has_value() ? mean->data_ptr() : nullptr;
+  launch.var = var.has_value() ? var->data_ptr() : nullptr;
   return run_training(x, running_mean, running_var, momentum, channels_last, vec, launch);
 }
 """

@@ -105,11 +105,13 @@ def batch_stats(x, running_mean, running_var, momentum: float, plan):
     return mean, var
 
 
-def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, plan):
+def fused_training(x, y, weight, bias, running_mean, running_var, momentum: float, eps: float, plan, save=None):
     """y = x normalised with its batch statistics, the running statistics updated, in one read of x by a
-    read-once training `plan` (the module tells the block per channel from the group by x's memory layout)."""
+    read-once training `plan` (the module tells the block per channel from the group by x's memory layout);
+    `save`: (mean, var) tensors for the batch mean and biased variance (not the persistent grid's)."""
+    mean, var = save or (None, None)
     _check(module().fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps,
-                                   plan.kernels[0] != "fused_nchw_kernel", plan.launch["vec"]))
+                                   plan.kernels[0] != "fused_nchw_kernel", plan.launch["vec"], mean, var))
 
 
 def _check(error: str):

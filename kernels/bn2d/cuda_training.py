@@ -18,8 +18,9 @@ namespace bn2d {
 // float64 input) and updates the running statistics (float32 or the input's dtype; null: none).
 // `fused`: the training forward in one kernel that reads x once and also writes y = x normalised with
 // `params` (whose mean and var it ignores): a block per channel (NCHW; a channel that fits in a block's
-// shared memory) or per group of channels (channels_last; 32 bytes of each row), or a persistent grid
-// (contiguous NCHW, float32, 16-byte aligned, planes of whole vectors).
+// shared memory) or per group of channels (channels_last; 32 bytes of each row), which also write the batch
+// statistics to `mean` and `var` where those are not null (for the backward), or a persistent grid
+// (contiguous NCHW, float32, 16-byte aligned, planes of whole vectors), which does not.
 enum class Fused : int { None, Channel, Grid };
 
 struct StatsLaunch {
@@ -459,7 +460,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int units,
     int64_t plane_vecs, FastDiv plane_div, void* running_mean, void* running_var, bool running_fp32,
-    double momentum) {
+    double momentum, typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   __shared__ double scratch[32];
@@ -503,6 +504,10 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
     yv[at(i)] = out;
   }
   if (updates) store_running<scalar_t>(running_mean, running_var, running_fp32, c, old, t, momentum);
+  if (threadIdx.x == 0 && save_mean != nullptr) {
+    save_mean[c] = acc_t(t.mean);
+    save_var[c] = acc_t(t.m2 / t.n);
+  }
 }
 
 // The same for channels_last, where a channel is a column of the N * H * W rows: a block per group of
@@ -534,7 +539,8 @@ __device__ void column_sums(double (&v)[K], int cols, double* scratch) {
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int rows, int cols,
-    void* running_mean, void* running_var, bool running_fp32, double momentum) {
+    void* running_mean, void* running_var, bool running_fp32, double momentum,
+    typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   __shared__ double scratch[CHANNEL_THREADS / 32 * GROUP_BYTES / 2];  // cols * VEC <= 16 channels
@@ -599,9 +605,15 @@ __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
   }
 #pragma unroll
   for (int j = 0; j < VEC; ++j)
-    if (threadIdx.x / cols == j && running_mean != nullptr)
-      store_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j, old,
-                              Summary<double>{double(rows), sum[j] * per_row, m2[j]}, momentum);
+    if (threadIdx.x / cols == j) {
+      if (running_mean != nullptr)
+        store_running<scalar_t>(running_mean, running_var, running_fp32, c0 + j, old,
+                                Summary<double>{double(rows), sum[j] * per_row, m2[j]}, momentum);
+      if (save_mean != nullptr) {
+        save_mean[c0 + j] = acc_t(sum[j] * per_row);
+        save_var[c0 + j] = acc_t(m2[j] * per_row);
+      }
+    }
 }
 
 
@@ -714,7 +726,8 @@ cudaError_t channel_launch(const StatsLaunch& l) {
   if (const cudaError_t error = reserve_shared(kernel, shared); error != cudaSuccess) return error;
   kernel<<<l.channels, channel_threads(kernel, shared, l.channels), shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(units), plane_vecs,
-      make_fast_div(uint32_t(plane_vecs)), l.running_mean, l.running_var, l.running_fp32, l.momentum);
+      make_fast_div(uint32_t(plane_vecs)), l.running_mean, l.running_var, l.running_fp32, l.momentum,
+      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var));
   return cudaGetLastError();
 }
 
@@ -740,7 +753,8 @@ cudaError_t channel_group_launch(const StatsLaunch& l) {
   const int64_t groups = cdiv(l.channels, int64_t(cols) * VEC);
   kernel<<<groups, channel_threads(kernel, shared, groups), shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(rows), cols,
-      l.running_mean, l.running_var, l.running_fp32, l.momentum);
+      l.running_mean, l.running_var, l.running_fp32, l.momentum,
+      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var));
   return cudaGetLastError();
 }
 
@@ -765,6 +779,7 @@ const char* stats_plan_error(const StatsLaunch& l) {
   if (l.fused == Fused::Grid && (l.dtype != DType::Float || l.vec != VEC_BYTES / 4 || l.channels_last ||
                                  l.numel / l.channels / l.vec > INT32_MAX))
     return "the persistent kernel needs float32 NCHW in 16-byte vectors, fewer than 2^31 of them per channel";
+  if (l.fused == Fused::Grid && l.mean != nullptr) return "the persistent kernel does not give the batch statistics";
   return nullptr;
 }
 

@@ -151,7 +151,7 @@ def _train_plan(x, out, backend, config, save: bool = False) -> Plan:
     """The training-forward plan; `save`: one that gives the batch statistics (for the backward). The naive
     backend has no training kernels of its own: the CUDA module's statistics, then its eval kernel."""
     if backend == "cuda_naive":
-        return dispatch.cuda_train(x, None, CudaConfig(), save=True)
+        return dispatch.cuda_train(x, None, CudaConfig(fused=0))
     if backend == "triton":
         return dispatch.triton_train(x)
     return dispatch.cuda_train(x, out, config, save)
