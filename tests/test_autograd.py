@@ -156,7 +156,7 @@ def test_cuda_graph_of_a_training_step(backend):
     torch.manual_seed(0)
     model, reference = _model(backend).cuda(), _model().cuda()
     reference.load_state_dict(model.state_dict())
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, capturable=True) for m in (model, reference)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, reference)]
     static_x = torch.randn(16, 3, 8, 8, device="cuda")
 
     def step():

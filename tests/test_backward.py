@@ -87,11 +87,19 @@ def make_inputs(shape, dtype, layout, training, affine, param_dtype=torch.float3
 
 
 def reference_grads(dy, x, mean, var, weight, bias, training, dtype=torch.float64):
-    """(dx, dweight, dbias) by autograd of F.batch_norm, in `dtype` (float64: the reference) with the given
-    statistics (training: x's own). In another dtype, PyTorch's own; bias is then dropped without a weight (its
-    CPU kernel refuses a 16-bit bias beside float32 statistics), so dbias is None."""
+    """(dx, dweight, dbias) by autograd of F.batch_norm on the CPU, in `dtype` (float64: the reference) with the
+    given statistics (training: x's own), returned on x's device. In another dtype, PyTorch's own; bias is then
+    dropped without a weight (its CPU kernel refuses a 16-bit bias beside float32 statistics), so dbias is None.
+    On the CPU because PyTorch's CUDA backward refuses a bias without a weight ("returned an invalid gradient at
+    index 2")."""
     if dtype != torch.float64 and weight is None:
         bias = None
+    grads = _reference_grads_cpu(*(t if t is None else t.cpu() for t in (dy, x, mean, var, weight, bias)), training,
+                                 dtype)
+    return [g if g is None else g.to(x.device) for g in grads]
+
+
+def _reference_grads_cpu(dy, x, mean, var, weight, bias, training, dtype):
     cast = (lambda t: t.double()) if dtype == torch.float64 else (lambda t: t)
     x = cast(x).detach().requires_grad_()
     params = [None if p is None else cast(p).detach().requires_grad_() for p in (weight, bias)]

@@ -204,8 +204,10 @@ def test_host_overhead_writes_one_row_per_call(tmp_path):
     host_overhead.main(["--device", DEVICE, "--backends", "triton", "--shape", "1x4x3x3", "--calls", "2",
                         "--repeats", "2", "--out", str(out)])
     rows = list(csv.DictReader(out.open()))
-    assert [r["call"] for r in rows] == ["clone", "nn.Module(clone)", "empty_like", "F.batch_norm",
-                                          "nn.BatchNorm2d", "BatchNorm2d", "batch_norm", "batch_norm(out=)", "launch"]
+    assert [(r["call"], r["backend"]) for r in rows] == [
+        ("clone", "torch"), ("nn.Module(clone)", "torch"), ("empty_like", "torch"), ("F.batch_norm", "torch"),
+        ("nn.BatchNorm2d", "torch"), ("train fwd+bwd", "torch"), ("train fwd+bwd", "triton"),
+        ("BatchNorm2d", "triton"), ("batch_norm", "triton"), ("batch_norm(out=)", "triton"), ("launch", "triton")]
     assert {r["variant"] for r in rows} == {"default"}
     assert float(rows[0]["ratio_to_clone"]) == 1.0 and all(float(r["us_per_call"]) > 0 for r in rows)
 

@@ -33,6 +33,9 @@ struct Params {
 # The .cu part's prelude: no ATen header, so nvcc compiles it quickly.
 DEVICE = r"""
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <cooperative_groups.h>
 #include <cuda_pipeline.h>
@@ -153,18 +156,58 @@ int64_t row_threads(int64_t vectors, int64_t threads) {
 }
 
 
-// Dynamic shared memory beyond the default 48 KB must be asked for (big blocks on 2- to 5-element planes).
-template <typename Kernel>
-cudaError_t reserve_shared(Kernel kernel, size_t bytes) {
-  return bytes <= 48 * 1024 ? cudaSuccess
-                            : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+// The CUDA runtime's queries about a device or a kernel (the occupancy query reads the kernel's attributes) are
+// host time on every launch that asks them, and their answers never change: each is asked once per device (and
+// kernel, block, shared memory) and kept. (On the H200 the read-once training and backward bindings, which
+// asked up to three occupancy queries and two attributes a call, took 45-55 us a call; a binding that launches
+// nothing, 3-5 us: host_overhead's profile.) `Key` the question, `ask` the query.
+template <typename Key, typename Ask>
+int remembered(const Key& key, Ask ask) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, Key>, int> answers;
+  int device = 0;
+  cudaGetDevice(&device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = answers.find({device, key});
+  if (found != answers.end()) return found->second;
+  const int answer = ask();
+  answers.emplace(std::make_tuple(device, key), answer);
+  return answer;
 }
 
 int device_attribute(cudaDeviceAttr attribute) {
-  int device = 0, value = 0;
+  return remembered(int(attribute), [&] {
+    int device = 0, value = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&value, attribute, device);
+    return value;
+  });
+}
+
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads, size_t shared) {
+  return remembered(std::make_tuple(reinterpret_cast<const void*>(kernel), threads, shared), [&] {
+    int blocks = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared);
+    return blocks;
+  });
+}
+
+// Dynamic shared memory beyond the default 48 KB must be asked for (big blocks on 2- to 5-element planes): only
+// when a kernel needs more than it holds on this device (a smaller ask would lower what it holds).
+template <typename Kernel>
+cudaError_t reserve_shared(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*>, size_t> held;
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&value, attribute, device);
-  return value;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& reserved = held[{device, reinterpret_cast<const void*>(kernel)}];
+  if (bytes <= reserved) return cudaSuccess;
+  const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (error == cudaSuccess) reserved = bytes;
+  return error;
 }
 
 int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }

@@ -710,10 +710,8 @@ cudaError_t fused_typed(const StatsLaunch& l) {
 template <typename Kernel>
 int channel_threads(Kernel kernel, size_t shared, int64_t channels) {
   int threads = CHANNEL_THREADS;
-  for (int blocks = 0; threads > CHANNEL_THREADS / 4; threads /= 2) {
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared);
-    if (int64_t(blocks) * sm_count() >= channels) break;
-  }
+  for (; threads > CHANNEL_THREADS / 4; threads /= 2)
+    if (int64_t(blocks_per_sm(kernel, threads, shared)) * sm_count() >= channels) break;
   return threads;
 }
 

@@ -206,7 +206,7 @@ def _train_plans(x, y, weight, bias, backend, config, save):
 
 def _stats_like(x):
     """Empty batch mean and variance for x: float32, float64 for float64 input."""
-    mean = x.new_empty(x.size(1), dtype=torch.promote_types(x.dtype, torch.float32))
+    mean = x.new_empty(x.size(1), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return mean, torch.empty_like(mean)
 
 
