@@ -13,7 +13,8 @@
 #   backward    fwd+bwd with autograd over ResNet-50's BatchNorm shapes -> train_<gpu>.csv
 #   models      torchvision ResNet-50 end to end                    -> models_<gpu>.csv
 #   base        the quick eval and training sweeps at another revision, variant "base": its kernels/ package
-#               extracted to .base/bn2d (git archive REV kernels), carried to the machine
+#               extracted to .base/bn2d (git archive REV kernels); .base/ is git-ignored, so a copy of the tree
+#               for a GPU machine must carry it explicitly
 # Variables: VARIANT (the sweeps' variant column, default "default"), SWEEP_ARGS (more sweep arguments, e.g.
 # --part 1/2), BACKWARD_ARGS, MODELS_ARGS, BASE_MODES (default "eval train"), TESTS (default: all of tests/),
 # TESTS_ARGS, TESTS_TIMEOUT (seconds; 0: none).
@@ -51,6 +52,8 @@ for step in "${steps[@]}"; do
     backward) run backward python -m experiments.sweep --preset resnet50 --modes train_backward --variant "$variant" ${BACKWARD_ARGS:-} --out "$out/train_$gpu.csv" ;;
     models) run models python -m experiments.models ${MODELS_ARGS:-} --out "$out/models_$gpu.csv" ;;
     base)
+      [ -f .base/bn2d/__init__.py ] || { echo "base: no .base/bn2d here (extract it, and carry .base/)" | tee -a "$log"
+                                           failed+=(base); continue; }
       for mode in ${BASE_MODES:-eval train}; do
         run "base $mode" env PYTHONPATH="$PWD/.base:$PWD" TORCH_EXTENSIONS_DIR="$(mktemp -d)" python -m experiments.sweep \
           --preset quick --modes $mode --variant base ${SWEEP_ARGS:-} --out "$out/${mode}_$gpu.csv"
