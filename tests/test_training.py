@@ -161,9 +161,9 @@ def test_read_once_rule():
 @pytest.mark.parametrize("backend", TRAINING_BACKENDS)
 def test_saved_statistics(monkeypatch, backend, shape, dtype, layout):
     """The batch mean and biased variance a training forward keeps for the backward (`save`), from whichever
-    kernels its plan runs (read-once ones for the first two shapes, the CUDA group kernel for the second in
-    channels_last; three kernels for the last, but for CUDA's block per channel in 16-bit NCHW), poisoned first:
-    float32 (float64 for float64 input), within 1e-5 of float64's."""
+    kernels each case's plan runs (between them both backends' read-once kernels and three-kernel paths; CUDA's
+    group kernel needs the 1024 channels), poisoned first: float32 (float64 for float64 input), within 1e-5 of
+    float64's."""
     if backend == "torch":
         pytest.skip("PyTorch keeps its own")
     stats_like = functional._stats_like

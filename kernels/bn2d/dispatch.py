@@ -123,8 +123,7 @@ def cuda_eval(x, weight, bias, mean, var, y=None, config: CudaConfig = CudaConfi
         else:
             vec, whole, why = full, False, "16-byte vectors that straddle planes"
         if not whole and _small(config, x, FLAT_BYTES):
-            return _eval_plan("flat_kernel", layout, f"{why}; small tensor: a vector a thread, a pair per element",
-                              vec, threads=min(config.threads or DEFAULT_THREADS, FLAT_MAX_THREADS))
+            return _flat_plan(layout, f"{why}; small tensor", vec, config)
         narrow = vec == 1 or (not whole and elem == 2)
         threads = config.threads or DEFAULT_THREADS
         if (whole or plane >= vec) and _small(config, x, SMALL_NARROW_BYTES if narrow else SMALL_BYTES):
@@ -135,9 +134,7 @@ def cuda_eval(x, weight, bias, mean, var, y=None, config: CudaConfig = CudaConfi
                                                                      else "with a table of their planes"),
                           vec, whole=whole, long_planes=long_planes, threads=threads)
     if aligned and x.size(1) % full and numel < 2 ** 31 and config.blocks_per_sm == 0:
-        return _eval_plan("flat_kernel", layout, "rows of channels not a whole number of 16-byte vectors: a vector "
-                          "a thread, a pair per element", full, threads=min(config.threads or DEFAULT_THREADS,
-                                                                              FLAT_MAX_THREADS))
+        return _flat_plan(layout, "rows of channels not a whole number of 16-byte vectors", full, config)
     vec = full if aligned and x.size(1) % full == 0 else 1
     why = "16-byte vectors of channels" if vec > 1 else "single channels: rows not a whole number of 16 bytes"
     params = not pointers or all(_aligned(t, vec * t.element_size()) for t in (weight, bias, mean, var) if t is not None)
@@ -151,6 +148,11 @@ def cuda_eval(x, weight, bias, mean, var, y=None, config: CudaConfig = CudaConfi
     threads = min(config.threads or DEFAULT_THREADS, CHANNELS_LAST_MAX_THREADS)
     return _eval_plan("channels_last_kernel", layout, f"{why}; blocks own channel ranges and walk the rows", vec,
                       threads=threads)
+
+
+def _flat_plan(layout, why, vec, config) -> Plan:
+    return _eval_plan("flat_kernel", layout, f"{why}: a vector a thread, a pair per element", vec,
+                      threads=min(config.threads or DEFAULT_THREADS, FLAT_MAX_THREADS))
 
 
 def cuda_naive(x) -> Plan:
