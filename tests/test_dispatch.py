@@ -54,14 +54,16 @@ CUDA_EVAL = [
     ((256, 2048, 7, 7), F32, "channels_last", CudaConfig(threads=1024), "channels_last_kernel",
      dict(vec=4, threads=512)),
     # FLAT_BYTES: NCHW vectors that straddle planes, a pair per element up to 512 KB (planes shorter than a
-    # vector too).
-    ((1, 1, 1, 256 * 1024 - 1), F16, "nchw", CudaConfig(), "flat_kernel", dict(vec=8, threads=256)),
+    # vector too); 16-bit ones in 8-byte vectors up to SMALL_NARROW_BYTES.
+    ((1, 1, 1, 256 * 1024 - 1), F16, "nchw", CudaConfig(), "flat_kernel", dict(vec=4, threads=256)),
     ((1, 1, 1, 256 * 1024 + 1), F16, "nchw", CudaConfig(), "small_kernel", dict(vec=8, whole=False, threads=256)),
-    ((16, 3, 17, 33), BF16, "nchw", CudaConfig(), "flat_kernel", dict(vec=8, threads=256)),
+    ((16, 3, 17, 33), BF16, "nchw", CudaConfig(), "flat_kernel", dict(vec=4, threads=256)),
     ((64, 8, 3, 3), F32, "nchw", CudaConfig(), "flat_kernel", dict(vec=4, threads=256)),
     # 1x1 planes: NCHW memory is NHWC; a row of 3 channels is no vector: the flat kernel, whatever the size,
     # unless a grid-stride grid is asked for.
     ((8, 64, 1, 1), F32, "nchw", CudaConfig(), "small_channels_last_kernel", dict(vec=4, rows=4, threads=128)),
+    ((1, 3, 512, 682), F16, "channels_last", CudaConfig(), "flat_kernel", dict(vec=4, threads=256)),
+    ((1, 3, 512, 683), F16, "channels_last", CudaConfig(), "flat_kernel", dict(vec=8, threads=256)),
     ((32, 3, 224, 224), F16, "channels_last", CudaConfig(), "flat_kernel", dict(vec=8, threads=256)),
     ((256, 3, 224, 224), F16, "channels_last", CudaConfig(), "flat_kernel", dict(vec=8, threads=256)),
     ((32, 17, 9, 11), F32, "channels_last", CudaConfig(), "flat_kernel", dict(vec=4, threads=256)),

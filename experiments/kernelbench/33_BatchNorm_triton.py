@@ -82,7 +82,9 @@ FLAT_MAX_THREADS = 256
 # H200, issue "the house"); NCHW tensors of at most FLAT_BYTES whose vectors straddle planes, where a pair per
 # element beat the straddling small kernel's two per vector (H200, eval_h200.csv at 659d341, CUDA graphs: the
 # naive kernel, a pair per element, 1.6-2.0 us against 2.2-3.1 us from 107 to 520 KB; the straddling kernel
-# ahead from 1.6 MB, 3.3 us against 5.3).
+# ahead from 1.6 MB, 3.3 us against 5.3). 16-bit tensors of at most SMALL_NARROW_BYTES take 8-byte vectors: 16
+# bytes held eight pairs a thread (1,800 SASS instructions against float32's 717), 0.66-0.75x torch.compile's
+# speed on tiny 16-bit tensors (eval_h200.csv at ab061d2).
 FLAT_BYTES = 512 << 10
 _EVAL_KERNELS = {"nchw_kernel": 0, "small_kernel": 1, "channels_last_kernel": 2, "small_channels_last_kernel": 3,
                  "naive_kernel": 4, "flat_kernel": 5}
@@ -125,7 +127,7 @@ def cuda_eval(x, weight, bias, mean, var, y=None, config: CudaConfig = CudaConfi
         else:
             vec, whole, why = full, False, "16-byte vectors that straddle planes"
         if not whole and _small(config, x, FLAT_BYTES):
-            return _flat_plan(layout, f"{why}; small tensor", vec, config)
+            return _flat_plan(x, layout, f"{why}; small tensor", config)
         narrow = vec == 1 or (not whole and elem == 2)
         threads = config.threads or DEFAULT_THREADS
         if (whole or plane >= vec) and _small(config, x, SMALL_NARROW_BYTES if narrow else SMALL_BYTES):
@@ -136,7 +138,7 @@ def cuda_eval(x, weight, bias, mean, var, y=None, config: CudaConfig = CudaConfi
                                                                      else "with a table of their planes"),
                           vec, whole=whole, long_planes=long_planes, threads=threads)
     if aligned and x.size(1) % full and numel < 2 ** 31 and config.blocks_per_sm == 0:
-        return _flat_plan(layout, "rows of channels not a whole number of 16-byte vectors", full, config)
+        return _flat_plan(x, layout, "rows of channels not a whole number of 16-byte vectors", config)
     vec = full if aligned and x.size(1) % full == 0 else 1
     why = "16-byte vectors of channels" if vec > 1 else "single channels: rows not a whole number of 16 bytes"
     params = not pointers or all(_aligned(t, vec * t.element_size()) for t in (weight, bias, mean, var) if t is not None)
@@ -152,7 +154,10 @@ def cuda_eval(x, weight, bias, mean, var, y=None, config: CudaConfig = CudaConfi
                       threads=threads)
 
 
-def _flat_plan(layout, why, vec, config) -> Plan:
+def _flat_plan(x, layout, why, config) -> Plan:
+    vec = VEC_BYTES // x.element_size()
+    if x.element_size() == 2 and x.numel() * 2 <= SMALL_NARROW_BYTES:
+        vec, why = vec // 2, f"{why}; small 16-bit tensor: 8-byte vectors"
     return _eval_plan("flat_kernel", layout, f"{why}: a vector a thread, a pair per element", vec,
                       threads=min(config.threads or DEFAULT_THREADS, FLAT_MAX_THREADS))
 
@@ -206,9 +211,10 @@ def cuda_vec(x, y, vec: int) -> int:
 
 def cuda_train_plan(x, y, kernel: str, why: str = "as asked") -> Plan:
     """A training plan for `kernel` with the widest vectors it takes that fit x and y: 16 bytes (the block per
-    channel: else 8), else single elements; the persistent grid takes 16-byte float32 vectors only."""
+    channel of NCHW planes: else 8), else single elements; the persistent grid takes 16-byte float32 vectors
+    only. (On 1x1 planes, channels_last memory, the block per channel runs as the block per channel group.)"""
     full = VEC_BYTES // x.element_size()
-    if kernel == "channel_kernel":
+    if kernel == "channel_kernel" and layout_of(x) == "nchw":
         vec = max(cuda_vec(x, y, full), cuda_vec(x, y, max(full // 2, 1)))
     else:
         vec = cuda_vec(x, y, full)

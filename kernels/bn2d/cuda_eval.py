@@ -432,14 +432,22 @@ cudaError_t small_channels_last_typed(const Launch& l) {
   return cudaErrorInvalidValue;
 }
 
-template <typename scalar_t>
-cudaError_t flat_typed(const Launch& l) {
-  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
-  if (l.vec != VEC) return cudaErrorInvalidValue;
+template <typename scalar_t, int VEC>
+cudaError_t flat_launch(const Launch& l) {
   flat_kernel<scalar_t, VEC><<<cdiv(cdiv(l.numel, VEC), l.threads), l.threads, 0, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, uint32_t(l.numel),
       make_fast_div(uint32_t(l.plane)), uint32_t(l.channels), make_fast_div(uint32_t(l.channels)));
   return cudaGetLastError();
+}
+
+// The vector widths a plan may give the flat kernel: 16 bytes, and for 16-bit types 8.
+template <typename scalar_t>
+cudaError_t flat_typed(const Launch& l) {
+  constexpr int VEC = VEC_BYTES / sizeof(scalar_t);
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (l.vec == VEC / 2) return flat_launch<scalar_t, VEC / 2>(l);
+  }
+  return l.vec == VEC ? flat_launch<scalar_t, VEC>(l) : cudaErrorInvalidValue;
 }
 
 template <typename scalar_t>
