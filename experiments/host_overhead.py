@@ -2,7 +2,8 @@
 against a bare ``x.clone()`` (the floor for any op that allocates its output). On a small tensor the GPU
 finishes each kernel before the host has launched the next, so the time per call is the host's. Eval calls
 run under inference mode, as a deployment does; "train fwd+bwd" is a training module's forward and
-backward with autograd (``y = bn(x); y.backward(dy)``), as a training step calls it.
+backward with autograd (``y = bn(x); y.backward(dy)``), as a training step calls it, with the floor of any
+training op written as a Python ``autograd.Function`` beside it (one that only allocates its outputs).
 
     python -m experiments.host_overhead                   # appends to experiments/results/host_<gpu>.csv
 """
@@ -28,6 +29,26 @@ class CloneModule(torch.nn.Module):
         return x.clone()
 
 
+class EmptyFunction(torch.autograd.Function):
+    """An autograd.Function in Python whose forward and backward only allocate their outputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return torch.empty_like(dy), *(torch.empty(dy.size(1), device=dy.device) for _ in range(2))
+
+
+class EmptyFunctionModule(torch.nn.BatchNorm2d):
+    """A BatchNorm2d whose forward is EmptyFunction: the floor of a training op written as a Python
+    autograd.Function (its fwd+bwd with no kernel)."""
+
+    def forward(self, x):
+        return EmptyFunction.apply(x, self.weight, self.bias)
+
+
 def cases(x, backends):
     """(name, backend, callable) for every call measured."""
     c = x.size(1)
@@ -40,6 +61,7 @@ def cases(x, backends):
     yield "F.batch_norm", "torch", lambda: F.batch_norm(x, *stats)
     yield "nn.BatchNorm2d", "torch", lambda: reference(x)
     yield "train fwd+bwd", "torch", train_step(torch.nn.BatchNorm2d, x)
+    yield "train fwd+bwd (empty Function)", "torch", train_step(EmptyFunctionModule, x)
     for backend in backends:
         yield "train fwd+bwd", backend, train_step(functools.partial(BatchNorm2d, backend=backend), x)
         module = BatchNorm2d(c, backend=backend).to(x.device).eval()
@@ -125,6 +147,8 @@ def main(argv=None):
                 stubs.enter_context(mock.patch.object(kernels, "backward", lambda dy, x, mean, var, weight, *launch: (
                     torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean))))
             stubs.enter_context(mock.patch.object(cuda_module, "eval_forward", lambda x, *args: x))
+            # The C++ autograd node's stand-in: a clone's.
+            stubs.enter_context(mock.patch.object(cuda_module, "train_autograd", lambda x, *args: x.clone()))
         names, backends, fns = zip(*cases(x, args.backends))
         timings = per_call_us(fns, args.calls, args.repeats, sync)
         for name, backend, (median, p20, p80) in zip(names, backends, timings):
@@ -132,7 +156,7 @@ def main(argv=None):
     floor = rows[0]["us_per_call"]
     for row in rows:
         row["ratio_to_clone"] = row["us_per_call"] / floor
-        print(f"{row['call']:18s} {row['backend']:7s} {row['us_per_call']:8.1f} us  {row['ratio_to_clone']:5.2f}x clone")
+        print(f"{row['call']:30s} {row['backend']:7s} {row['us_per_call']:8.1f} us  {row['ratio_to_clone']:5.2f}x clone")
     variant = args.variant or ("python_only" if args.python_only else "default")
     write_csv(args.out or results_path("host"), rows, env, variant)
 

@@ -109,11 +109,35 @@ def test_training_step_runs_only_this_projects_ops(backend, layout):
     assert recorder.ops - ALLOWED == set()
 
 
-def test_double_backward_says_so():
+# The backends whose kernels run on DEVICE (on a CPU machine, Triton's interpreter).
+ON_DEVICE = KERNELS if DEVICE == "cuda" else ["triton"]
+
+
+@pytest.mark.parametrize("backend", ON_DEVICE)
+def test_double_backward_says_so(backend):
     x = torch.randn(2, 3, 4, 4, device=DEVICE, requires_grad=True)
-    y = batch_norm(x, None, None, training=True, backend="triton")
+    y = batch_norm(x, None, None, training=True, backend=backend)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
+
+
+@gpu
+@pytest.mark.parametrize("params", ["affine", "weight", "bias", "plain"])
+def test_cuda_eager_training_backward_is_a_cpp_node(params):
+    """The CUDA backend's eager training forward records its backward as one C++ autograd node, whose
+    gradients are asked for only where needed (an absent weight or bias is no input of it)."""
+    x = torch.randn(4, 6, 5, 5, device="cuda", requires_grad=True)
+    weight = torch.randn(6, device="cuda", requires_grad=True) if params in ("affine", "weight") else None
+    bias = torch.randn(6, device="cuda", requires_grad=True) if params in ("affine", "bias") else None
+    y = batch_norm(x, None, None, weight, bias, training=True)
+    assert "TrainFunction" in y.grad_fn.name()
+    dy = torch.randn_like(y)
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    for asked in ([inputs[-1]], inputs):
+        grads = torch.autograd.grad(y, asked, dy, retain_graph=True)
+        references = torch.autograd.grad(F.batch_norm(x, None, None, weight, bias, True), asked, dy)
+        for g, r in zip(grads, references):
+            assert relative_error(g, r) <= 10 * TOLERANCE[torch.float32]
 
 
 def test_explain_for_a_training_call_with_grad():

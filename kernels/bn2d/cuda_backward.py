@@ -821,6 +821,11 @@ FUNCTIONS = ["backward"]
 _KERNEL_NAMES = {"channel_backward_kernel": "channel", "channel_group_backward_kernel": "group"}
 
 
+def kernel_name(plan) -> str:
+    """The bound call's name for a backward plan's kernel."""
+    return _KERNEL_NAMES.get(plan.kernels[0], "")
+
+
 def backward(dy, x, mean, var, weight, eps: float, training: bool, needs, plan):
     """(dx, dweight, dbias) of y = (x - mean) * rsqrt(var + eps) * weight + bias, each None unless asked in
     `needs` (dweight also without a weight). `training`: mean and var are x's batch statistics (float32;
@@ -830,7 +835,7 @@ def backward(dy, x, mean, var, weight, eps: float, training: bool, needs, plan):
     dweight and dbias."""
     from . import cuda_module
 
-    c, layout, kernel = x.size(1), plan.layout, _KERNEL_NAMES.get(plan.kernels[0], "")
+    c, layout, kernel = x.size(1), plan.layout, kernel_name(plan)
     need_dx, need_dweight, need_dbias = needs[0], needs[1] and weight is not None, needs[2]
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     dy = dy.contiguous(memory_format=fmt)  # no copy where dy already is

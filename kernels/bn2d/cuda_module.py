@@ -7,7 +7,8 @@ The source lives in Python modules by concern, assembled here into the module's 
 * ``cuda_eval.py`` -- eval mode's normalisation kernels (NCHW, channels_last, small tensors, naive);
 * ``cuda_training.py`` -- training mode's batch statistics and the kernels that read x once;
 * ``cuda_backward.py`` -- training mode's backward (and frozen BatchNorm's), its kernels and binding;
-* ``cuda_bindings.py`` -- the C++ side: checks, dtypes, the current stream, the bound functions.
+* ``cuda_bindings.py`` -- the C++ side: checks, dtypes, the current stream, the bound functions;
+* ``cuda_autograd.py`` -- training with autograd in one bound call, its backward an autograd node in C++.
 
 The .cu file includes no ATen header, so nvcc compiles it quickly; the C++ file holds the tensor-facing side.
 """
@@ -17,14 +18,14 @@ import sys
 
 import torch
 
-from . import cuda_backward, cuda_bindings, cuda_eval, cuda_header, cuda_training
+from . import cuda_autograd, cuda_backward, cuda_bindings, cuda_eval, cuda_header, cuda_training
 
 _DECLARATIONS = (cuda_header.DECLARATIONS + cuda_eval.DECLARATIONS + cuda_training.DECLARATIONS
                  + cuda_backward.DECLARATIONS)
 CUDA_SOURCE = (_DECLARATIONS + cuda_header.DEVICE + cuda_eval.KERNELS + cuda_training.KERNELS
                + cuda_backward.KERNELS)
-CPP_SOURCE = _DECLARATIONS + cuda_bindings.SOURCE + cuda_backward.BINDINGS
-FUNCTIONS = cuda_bindings.FUNCTIONS + cuda_backward.FUNCTIONS
+CPP_SOURCE = _DECLARATIONS + cuda_bindings.SOURCE + cuda_backward.BINDINGS + cuda_autograd.SOURCE
+FUNCTIONS = cuda_bindings.FUNCTIONS + cuda_backward.FUNCTIONS + cuda_autograd.FUNCTIONS
 
 
 def arch_flags() -> list:
@@ -112,6 +113,25 @@ def fused_training(x, y, weight, bias, running_mean, running_var, momentum: floa
     mean, var = save or (None, None)
     _check(module().fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps,
                                    plan.kernels[0] != "fused_nchw_kernel", plan.launch["vec"], mean, var))
+
+
+def autograd_launch(plans, backward_plan, config) -> tuple:
+    """train_autograd's launch arguments from a training forward's plans (save=True: one read-once kernel, or the
+    statistics and an eval plan) and the backward's plan (dispatch.cuda_backward)."""
+    eval_plan = plans[1].code if len(plans) > 1 else -1
+    return (plans[0].launch["vec"], plans[0].layout == "channels_last", eval_plan, config.blocks_per_sm,
+            cuda_backward.kernel_name(backward_plan), backward_plan.layout == "channels_last")
+
+
+def train_autograd(x, weight, bias, running_mean, running_var, momentum: float, eps: float, launch: tuple):
+    """The training forward with autograd in one bound call (cuda_autograd.py): y, its grad_fn the backward
+    kernels' C++ node; `launch` from autograd_launch."""
+    vec, channels_last, eval_plan, blocks_per_sm, *backward = launch
+    max_blocks = blocks_per_sm * _sm_count(x.device) if blocks_per_sm else 0
+    y, error = module().train_autograd(x, weight, bias, running_mean, running_var, momentum, eps, vec, channels_last,
+                                       eval_plan, max_blocks, *backward)
+    _check(error)
+    return y
 
 
 def _check(error: str):

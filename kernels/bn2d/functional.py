@@ -55,6 +55,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if _needs_grad(input, weight, bias) or _is_compiling():
         if out is not None:
             raise RuntimeError("bn2d: out= does not support automatic differentiation; call without out=")
+        if backend == "cuda" and not _is_compiling():
+            return _cuda_train(input, weight, bias, running_mean, running_var, momentum, eps, config)
         return _Train.apply(input, weight, bias, running_mean, running_var, momentum, eps, backend, list(config))
     x = _dense(input, backend)  # once: input in other strides is copied here, not per kernel
     y = torch.empty_like(x) if out is None else _checked_out(out, x)
@@ -198,6 +200,19 @@ def _train(x, y, weight, bias, running_mean, running_var, momentum, eps, backend
     return mean, var
 
 
+def _cuda_train(x, weight, bias, running_mean, running_var, momentum, eps, config):
+    """The CUDA backend's training forward with autograd, eager: one bound call, whose backward is a C++
+    autograd node (cuda_autograd.py), by launch arguments kept per what the plans depend on."""
+    x = _dense(x, "cuda")
+    key = (config, x.shape, x.stride(), x.dtype, *(None if t is None else t.data_ptr() % dispatch.VEC_BYTES
+                                                  for t in (x, weight, bias)))
+    launch = _AUTOGRAD_LAUNCHES.get(key)
+    if launch is None:
+        launch = _AUTOGRAD_LAUNCHES[key] = cuda_module.autograd_launch(
+            _train_plans(x, None, weight, bias, "cuda", config, True), dispatch.cuda_backward(x), config)
+    return cuda_module.train_autograd(x, weight, bias, running_mean, running_var, momentum, eps, launch)
+
+
 def _train_plans(x, y, weight, bias, backend, config, save):
     """The training forward's plans: one read-once kernel's, or the statistics' and then an eval plan (for
     fresh batch statistics: aligned)."""
@@ -248,8 +263,9 @@ class _Normalize(torch.autograd.Function):
 
 
 class _Train(torch.autograd.Function):
-    """The training forward to autograd: y by the backend's kernels, which also update the running statistics
-    and give the batch statistics the backward kernels take."""
+    """The training forward to autograd (Triton's and cuda_naive's, and every backend's under torch.compile;
+    the CUDA backend's eager one is _cuda_train): y by the backend's kernels, which also update the running
+    statistics and give the batch statistics the backward kernels take."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, backend, config):
@@ -381,6 +397,7 @@ _HOT_PLANS = {}
 # profile with the kernels stubbed out, before 7e28ceb).
 _TRAIN_PLANS = {}
 _BACKWARD_PLANS = {}
+_AUTOGRAD_LAUNCHES = {}
 
 # Looked up once: it is asked on every call.
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
