@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from experiments.environment import capture, results_path, write_csv
-from bn2d import BatchNorm2d, batch_norm, cuda_backward, cuda_module, functional, triton_backward, triton_kernels
+from bn2d import (BatchNorm2d, batch_norm, cuda_backward, cuda_module, dispatch, functional, triton_backward,
+                  triton_kernels)
 
 
 class CloneModule(torch.nn.Module):
@@ -60,10 +61,12 @@ def cases(x, backends):
     yield "empty_like", "torch", lambda: torch.empty_like(x)
     yield "F.batch_norm", "torch", lambda: F.batch_norm(x, *stats)
     yield "nn.BatchNorm2d", "torch", lambda: reference(x)
-    yield "train fwd+bwd", "torch", train_step(torch.nn.BatchNorm2d, x)
-    yield "train fwd+bwd (empty Function)", "torch", train_step(EmptyFunctionModule, x)
+    for part in ("fwd+bwd", "fwd", "bwd"):
+        yield f"train {part}", "torch", train_step(torch.nn.BatchNorm2d, x, part)
+        yield f"train {part} (empty Function)", "torch", train_step(EmptyFunctionModule, x, part)
     for backend in backends:
-        yield "train fwd+bwd", backend, train_step(functools.partial(BatchNorm2d, backend=backend), x)
+        for part in ("fwd+bwd", "fwd", "bwd"):
+            yield f"train {part}", backend, train_step(functools.partial(BatchNorm2d, backend=backend), x, part)
         module = BatchNorm2d(c, backend=backend).to(x.device).eval()
         out = torch.empty_like(x)
         yield "BatchNorm2d", backend, lambda module=module: module(x)
@@ -81,19 +84,32 @@ def cases(x, backends):
             # its first check.
             bound, cpu = cuda_module.module().eval_forward, x.cpu()
             yield "binding", backend, lambda: bound(cpu, None, None, *stats, 1e-5, 0)
+            # The training forward's bound call for an input that needs no grad (no node): checks, its three
+            # allocations and the launch.
+            plans = functional._train_plans(x, None, None, None, backend, config, True)
+            launch = cuda_module.autograd_launch(plans, dispatch.cuda_backward(x), config)
+            yield "train binding", backend, lambda launch=launch: cuda_module.train_autograd(
+                x, None, None, *stats, 0.1, 1e-5, launch)
 
 
-def train_step(make_module, x):
+def train_step(make_module, x, part="fwd+bwd"):
     """A training module's forward and backward, outside inference mode: the module (make_module(C)), a leaf
-    copy of x that needs a grad, and dy made there."""
+    copy of x that needs a grad, and dy made there. `part` "fwd": the forward alone (its graph dropped); "bwd":
+    the backward alone, of one forward's graph, kept (retain_graph)."""
     with torch.inference_mode(False):
         module = make_module(x.size(1)).to(x.device)
         x = x.clone().requires_grad_()
         dy = torch.randn_like(x)
+        y = module(x) if part == "bwd" else None
 
     def step():
         with torch.inference_mode(False):
-            module(x).backward(dy)
+            if part == "fwd":
+                module(x)
+            elif part == "bwd":
+                y.backward(dy, retain_graph=True)
+            else:
+                module(x).backward(dy)
     return step
 
 
@@ -153,6 +169,8 @@ def main(argv=None):
         timings = per_call_us(fns, args.calls, args.repeats, sync)
         for name, backend, (median, p20, p80) in zip(names, backends, timings):
             rows.append(dict(call=name, backend=backend, shape=args.shape, us_per_call=median, p20_us=p20, p80_us=p80))
+    if x.is_cuda:  # a cudaMalloc per call would be host time of its own
+        print("device memory segments allocated in the run:", torch.cuda.memory_stats()["segment.all.allocated"])
     floor = rows[0]["us_per_call"]
     for row in rows:
         row["ratio_to_clone"] = row["us_per_call"] / floor
