@@ -138,8 +138,11 @@ std::string run_training(const at::Tensor& x, const c10::optional<at::Tensor>& r
   launch.momentum = momentum;
   launch.stream = c10::cuda::getCurrentCUDAStream().stream();
   if (const char* error = bn2d::stats_plan_error(launch)) return std::string("bn2d: ") + error;
-  const at::Tensor summary = at::empty({3 * bn2d::stats_parts(launch) * x.size(1)}, x.options().dtype(at::kDouble));
-  launch.summary = summary.data_ptr<double>();
+  at::Tensor summary;  // none for a block per channel or group (an empty allocation is host time of its own)
+  if (const int64_t parts = bn2d::stats_parts(launch); parts > 0) {
+    summary = at::empty({3 * parts * x.size(1)}, x.options().dtype(at::kDouble));
+    launch.summary = summary.data_ptr<double>();
+  }
   return launch_error(bn2d::launch_stats(launch));
 }
 
