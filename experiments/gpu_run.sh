@@ -15,8 +15,8 @@
 #   base        the quick eval and training sweeps at another revision, variant "base": its kernels/ package
 #               extracted to .base/bn2d (git archive REV kernels); .base/ is git-ignored, so a copy of the tree
 #               for a GPU machine must carry it explicitly
-# At most 8 files come back from a lent GPU machine's $OUT: the default steps write 7 (run.log, gpu-tests.log and
-# five CSVs); a command that adds logs of its own sends them into run.log, or runs fewer steps.
+# At most 8 files come back from a lent GPU machine's $OUT: the default steps write 8 (run.log, gpu-tests.log and
+# six CSVs); a command that adds logs of its own sends them into run.log, or runs fewer steps.
 # Variables: VARIANT (the sweeps' variant column, default "default"), SWEEP_ARGS (more sweep arguments, e.g.
 # --part 1/2), BACKWARD_ARGS, MODELS_ARGS, BASE_MODES (default "eval train"), TESTS (default: all of tests/),
 # TESTS_ARGS, TESTS_TIMEOUT (seconds; 0: none).
