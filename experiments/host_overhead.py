@@ -86,10 +86,21 @@ def cases(x, backends):
             yield "binding", backend, lambda: bound(cpu, None, None, *stats, 1e-5, 0)
             # The training forward's bound call for an input that needs no grad (no node): checks, its three
             # allocations and the launch.
+            config = functional._config(backend, None)
             plans = functional._train_plans(x, None, None, None, backend, config, True)
             launch = cuda_module.autograd_launch(plans, dispatch.cuda_backward(x), config)
             yield "train binding", backend, lambda launch=launch: cuda_module.train_autograd(
                 x, None, None, *stats, 0.1, 1e-5, launch)
+            # Its launch alone, into tensors allocated once; and the backward's bound call on the plan's kernel.
+            if len(plans) == 1:
+                saved = functional._stats_like(x)
+                yield "train launch", backend, lambda plan=plans[0], saved=saved: cuda_module.fused_training(
+                    x, out, None, None, *stats, 0.1, 1e-5, plan, saved)
+            mean, var = functional._stats_like(x)
+            mean.zero_(), var.fill_(1)
+            backward_plan, dy = dispatch.cuda_backward(x), torch.randn_like(x)
+            yield "backward launch", backend, lambda: cuda_backward.backward(dy, x, mean, var, None, 1e-5, True,
+                                                                             (True, False, True), backward_plan)
 
 
 def train_step(make_module, x, part="fwd+bwd"):
