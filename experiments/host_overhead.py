@@ -185,7 +185,8 @@ def main(argv=None):
     floor = rows[0]["us_per_call"]
     for row in rows:
         row["ratio_to_clone"] = row["us_per_call"] / floor
-        print(f"{row['call']:30s} {row['backend']:7s} {row['us_per_call']:8.1f} us  {row['ratio_to_clone']:5.2f}x clone")
+        print(f"{row['call']:30s} {row['backend']:7s} {row['us_per_call']:8.1f} us  "
+              f"{row['ratio_to_clone']:5.2f}x clone")
     variant = args.variant or ("python_only" if args.python_only else "default")
     write_csv(args.out or results_path("host"), rows, env, variant)
 

@@ -146,12 +146,17 @@ def test_cuda_eager_training_backward_is_a_cpp_node(params):
 
 def test_explain_for_a_training_call_with_grad():
     """With autograd the forward keeps its statistics for the backward: the read-once kernels do, and a
-    tensor too large for them takes the statistics kernels, then the normalisation."""
+    tensor too large for them takes the statistics kernels, then the normalisation; the backward's plan comes
+    last, for a frozen BatchNorm too."""
     x = torch.randn(2, 3, 4, 4, device=DEVICE, requires_grad=True)
-    assert [p.kernels for p in explain(x, None, None, training=True, backend="triton")] == [("channel_kernel",)]
+    assert [p.kernels for p in explain(x, None, None, training=True, backend="triton")] == [
+        ("channel_kernel",), ("backward_channel_kernel",)]
     x = torch.randn(4, 2, 64, 65, device=DEVICE, requires_grad=True)
     plans = explain(x, None, None, training=True, backend="triton")
-    assert plans[0].kernels == ("stats_kernel", "finalize_kernel") and plans[1].op == "eval"
+    assert plans[0].kernels == ("stats_kernel", "finalize_kernel") and [p.op for p in plans[1:]] == ["eval", "backward"]
+    running = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
+    assert [p.op for p in explain(x, *running, backend="triton")] == ["eval", "backward"]
+    assert [p.op for p in explain(x.detach(), *running, backend="triton")] == ["eval"]
 
 
 def _model(backend=None):

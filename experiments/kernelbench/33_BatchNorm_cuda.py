@@ -2666,9 +2666,9 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
     if (need_dweight) dweight = at::empty({x.size(1)}, options);
     if (need_dbias) dbias = at::empty({x.size(1)}, options);
     if (need_dx || need_dweight || need_dbias) {
-      const std::string error = ::backward(dy, x, mean, var, has_weight ? c10::optional<at::Tensor>(weight) : c10::nullopt,
-                                           ctx->saved_data["eps"].toDouble(), true, dx, dweight, dbias, channels_last,
-                                           ctx->saved_data["kernel"].toStringRef());
+      const auto weight_given = has_weight ? c10::optional<at::Tensor>(weight) : c10::nullopt;
+      const std::string error = ::backward(dy, x, mean, var, weight_given, ctx->saved_data["eps"].toDouble(), true,
+                                           dx, dweight, dbias, channels_last, ctx->saved_data["kernel"].toStringRef());
       TORCH_CHECK(error.empty(), error);
     }
     return {dx.value_or(at::Tensor()), dweight.value_or(at::Tensor()), dbias.value_or(at::Tensor()), at::Tensor()};

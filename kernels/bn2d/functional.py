@@ -68,7 +68,8 @@ def explain(input: Tensor, running_mean: Optional[Tensor] = None, running_var: O
             weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False, *,
             backend: str = "cuda", config=None, out: Optional[Tensor] = None) -> List[Plan]:
     """The plans ``batch_norm`` with these arguments runs, in order: which kernels, with which launch
-    parameters, on which memory layout, and why. Nothing is launched."""
+    parameters, on which memory layout, and why; where autograd records the call, the backward's plan last.
+    Nothing is launched."""
     _check_call(input, running_mean, running_var, weight, bias, training, backend)
     if not _runs_kernels(input, backend) or input.numel() == 0:
         return [Plan("torch", "train" if training else "eval", dispatch.layout_of(input), ("F.batch_norm",), {},
@@ -76,9 +77,10 @@ def explain(input: Tensor, running_mean: Optional[Tensor] = None, running_var: O
                                           "an empty input" if input.numel() == 0 else "a tensor on the CPU"))]
     config = _config(backend, config)
     x = _dense(input, backend)
-    if not training:
-        return [_eval_plan(x, running_mean, running_var, weight, bias, out, backend, config)]
-    return list(_train_plans(x, out, weight, bias, backend, config, save=_needs_grad(x, weight, bias)))
+    grad = _needs_grad(x, weight, bias)
+    plans = ([_eval_plan(x, running_mean, running_var, weight, bias, out, backend, config)] if not training else
+             list(_train_plans(x, out, weight, bias, backend, config, save=grad)))
+    return plans + [_backward_plan(x, backend)] if grad else plans
 
 
 def normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor] = None,
@@ -324,8 +326,9 @@ def _backward(dy, x, mean, var, weight, eps, training, needs_x, needs_weight, ne
         return None, None, None
     if torch.is_grad_enabled() and not _is_compiling():  # autograd.grad(..., create_graph=True)
         _no_double_backward(None)
-    dx, dweight, dbias = (_backward_op if _is_compiling() else _backward_impl)(dy, x, mean, var, weight, eps, training, needs_x, needs_weight and weight is not None,
-                                      needs_bias, backend)
+    op = _backward_op if _is_compiling() else _backward_impl
+    dx, dweight, dbias = op(dy, x, mean, var, weight, eps, training, needs_x, needs_weight and weight is not None,
+                            needs_bias, backend)
     if needs_bias and dbias.dtype != bias_dtype:  # no weight, so the kernels chose x's dtype
         dbias = dbias.to(bias_dtype)
     return (dx if needs_x else None, dweight if needs_weight and weight is not None else None,
