@@ -256,9 +256,8 @@ int64_t row_threads(int64_t vectors, int64_t threads) {
 
 // The CUDA runtime's queries about a device or a kernel (the occupancy query reads the kernel's attributes) are
 // host time on every launch that asks them, and their answers never change: each is asked once per device (and
-// kernel, block, shared memory) and kept. (On the H200 the read-once training and backward bindings, which
-// asked up to three occupancy queries and two attributes a call, took 45-55 us a call; a binding that launches
-// nothing, 3-5 us: host_overhead's profile.) `Key` the question, `ask` the query.
+// kernel, block, shared memory) and kept. (Keeping them did not shorten the read-once bindings measurably on the
+// H200: experiments/NOTES.md, "Where a layer's host time goes".) `Key` the question, `ask` the query.
 template <typename Key, typename Ask>
 int remembered(const Key& key, Ask ask) {
   static std::mutex mutex;
