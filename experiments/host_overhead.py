@@ -61,6 +61,10 @@ def cases(x, backends):
     yield "empty_like", "torch", lambda: torch.empty_like(x)
     yield "F.batch_norm", "torch", lambda: F.batch_norm(x, *stats)
     yield "nn.BatchNorm2d", "torch", lambda: reference(x)
+    with torch.inference_mode(False):
+        leaf, running = x.clone().requires_grad_(), tuple(t.clone() for t in stats)
+    # The functional training forward that records its node: the C++ side of nn.BatchNorm2d's.
+    yield "train F.batch_norm", "torch", lambda: _outside_inference(F.batch_norm, leaf, *running, None, None, True)
     for part in ("fwd+bwd", "fwd", "bwd"):
         yield f"train {part}", "torch", train_step(torch.nn.BatchNorm2d, x, part)
         yield f"train {part} (empty Function)", "torch", train_step(EmptyFunctionModule, x, part)
@@ -91,6 +95,9 @@ def cases(x, backends):
             launch = cuda_module.autograd_launch(plans, dispatch.cuda_backward(x), config)
             yield "train binding", backend, lambda launch=launch: cuda_module.train_autograd(
                 x, None, None, *stats, 0.1, 1e-5, launch)
+            # The same call for a leaf that needs a grad: the C++ node recorded too (and freed with y).
+            yield "train binding (node)", backend, lambda launch=launch, leaf=leaf, running=running: _outside_inference(
+                cuda_module.train_autograd, leaf, None, None, *running, 0.1, 1e-5, launch)
             # Its launch alone, into tensors allocated once; and the backward's bound call on the plan's kernel.
             if len(plans) == 1:
                 saved = functional._stats_like(x)
@@ -101,6 +108,11 @@ def cases(x, backends):
             backward_plan, dy = dispatch.cuda_backward(x), torch.randn_like(x)
             yield "backward launch", backend, lambda: cuda_backward.backward(dy, x, mean, var, None, 1e-5, True,
                                                                              (True, False, True), backward_plan)
+
+
+def _outside_inference(fn, *args):
+    with torch.inference_mode(False):
+        return fn(*args)
 
 
 def train_step(make_module, x, part="fwd+bwd"):
