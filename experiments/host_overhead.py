@@ -92,7 +92,7 @@ def cases(x, backends):
             # allocations and the launch.
             config = functional._config(backend, None)
             plans = functional._train_plans(x, None, None, None, backend, config, True)
-            launch = cuda_module.autograd_launch(plans, dispatch.cuda_backward(x), config)
+            launch = cuda_module.autograd_launch(plans, dispatch.cuda_backward(x), config, x.device)
             yield "train binding", backend, lambda launch=launch: cuda_module.train_autograd(
                 x, None, None, *stats, 0.1, 1e-5, launch)
             # The same call for a leaf that needs a grad: the C++ node recorded too (and freed with y).
@@ -187,7 +187,7 @@ def main(argv=None):
                     torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean))))
             stubs.enter_context(mock.patch.object(cuda_module, "eval_forward", lambda x, *args: x))
             # The C++ autograd node's stand-in: a clone's.
-            stubs.enter_context(mock.patch.object(cuda_module, "train_autograd", lambda x, *args: x.clone()))
+            stubs.enter_context(mock.patch.object(cuda_module, "train_autograd", lambda x, *args: (x.clone(), "")))
         names, backends, fns = zip(*cases(x, args.backends))
         timings = per_call_us(fns, args.calls, args.repeats, sync)
         for name, backend, (median, p20, p80) in zip(names, backends, timings):

@@ -6,6 +6,10 @@ experiments/results/models_<gpu>.csv.
     python -m experiments.models                                   # ResNet-50: every configuration and backend
     python -m experiments.models --tasks train --backends torch cuda triton
     python -m experiments.models --device cpu --models resnet18 --image 32 --batch 2 --backends torch   # smoke
+    python -m experiments.models --tasks train --dtypes float32 --backends torch cuda --profile   # no rows
+
+With --profile each configuration is not timed but profiled (torch.profiler over a few steps): its wall time per
+step, the GPU's busy time per step, and the ops that take the most GPU and host time.
 
 Weights random, BatchNorm running statistics and affine parameters randomised; input and labels random.
 rel_error: the output's (eval) or the parameter gradients' (train, every parameter's concatenated) relative L2
@@ -16,6 +20,7 @@ import argparse
 import copy
 import inspect
 import itertools
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Tuple
 
@@ -136,6 +141,31 @@ def measure(base, backend: str, task: str, dtype: str, layout: str, x, target, e
     return median, p20, p80, error
 
 
+def profile(base, backend: str, task: str, dtype: str, layout: str, x, target, steps: int = 5, rows: int = 15):
+    """Print `backend`'s step on a copy of `base`: wall time per step (timed alone), the GPU's kernel time per
+    step (torch.profiler), and the ops with the most GPU time and the most host time."""
+    model = BACKENDS[backend].prepare(copy.deepcopy(base).to(memory_format=LAYOUTS[layout]).train(task == "train"))
+    step = make_step(model, task, dtype, x, target)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(3):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    wall_ms = (time.perf_counter() - start) / steps * 1e3
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    averages = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"== {backend}: wall {wall_ms:.2f} ms per step, GPU kernels {gpu_ms / steps / 1e3:.2f} ms per step")
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        print(averages.table(sort_by=key, row_limit=rows, max_name_column_width=70))
+
+
 def points(args):
     """(model, task, dtype, layout, batch, backend) in run order: the configurations of CONFIGS chosen by
     --tasks and --dtypes, each with every chosen backend that runs its task."""
@@ -156,18 +186,24 @@ def main(argv=None):
     parser.add_argument("--variant", default="default", help="the A/B variant these rows measure")
     parser.add_argument("--out", type=Path, help="default: experiments/results/models_<gpu>.csv")
     parser.add_argument("--device", default="cuda", help="cpu: one untimed step per row (a smoke test)")
+    parser.add_argument("--profile", action="store_true", help="profile each configuration instead of timing it")
     args = parser.parse_args(argv)
     args.out = args.out or results_path("models")
     torch._dynamo.config.cache_size_limit = 64
     timing = "cpu_wallclock" if args.device == "cpu" else "do_bench"
 
-    done = done_keys(args.out, KEY)
+    done = set() if args.profile else done_keys(args.out, KEY)
     todo = [p for p in points(args) if tuple(map(str, p)) + (args.variant,) not in done]
     env = capture()
     bar = tqdm(total=len(todo), desc="models")
     for (name, task, dtype, layout, batch), group in itertools.groupby(todo, key=lambda p: p[:5]):
         base = make_model(name, args.device)
         x, target = make_inputs(batch, layout, args.image, args.device)
+        if args.profile:
+            for *_, backend in group:
+                print(f"{name} {task} {dtype} {layout} batch {batch}")
+                profile(base, backend, task, dtype, layout, x, target)
+            continue
         reference = copy.deepcopy(base).double().train(task == "train")
         expected = result(reference, task, "float32", x.double().contiguous(), target)
         del reference
@@ -183,7 +219,8 @@ def main(argv=None):
                 torch.cuda.empty_cache()
             bar.update()
     bar.close()
-    summary(args.out, args.variant)
+    if not args.profile:
+        summary(args.out, args.variant)
 
 
 def summary(path: Path, variant: str = "default"):

@@ -206,9 +206,10 @@ def test_host_overhead_writes_one_row_per_call(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [(r["call"], r["backend"]) for r in rows] == [
         ("clone", "torch"), ("nn.Module(clone)", "torch"), ("empty_like", "torch"), ("F.batch_norm", "torch"),
-        ("nn.BatchNorm2d", "torch"), *[(f"train {part}{floor}", "torch") for part in ("fwd+bwd", "fwd", "bwd")
+        ("nn.BatchNorm2d", "torch"), ("train F.batch_norm", "torch"), *[(f"train {part}{floor}", "torch") for part in ("fwd+bwd", "fwd", "bwd")
                                        for floor in ("", " (empty Function)")],
-        *[(f"train {part}", "triton") for part in ("fwd+bwd", "fwd", "bwd")], ("BatchNorm2d", "triton"), ("batch_norm", "triton"), ("batch_norm(out=)", "triton"), ("launch", "triton")]
+        *[(f"train {part}", "triton") for part in ("fwd+bwd", "fwd", "bwd")], ("BatchNorm2d", "triton"),
+        ("batch_norm", "triton"), ("batch_norm(out=)", "triton"), ("launch", "triton")]
     assert {r["variant"] for r in rows} == {"default"}
     assert float(rows[0]["ratio_to_clone"]) == 1.0 and all(float(r["us_per_call"]) > 0 for r in rows)
 
@@ -220,7 +221,7 @@ def test_host_overhead_python_only_takes_the_kernel_path(tmp_path):
                             "--calls", "2", "--repeats", "2", "--out", str(out)])
     assert layout.called  # only the kernels' path lays the input out
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 18 and {r["variant"] for r in rows} == {"python_only"}
+    assert len(rows) == 19 and {r["variant"] for r in rows} == {"python_only"}
 
 
 def test_headline_table_from_the_fixture():

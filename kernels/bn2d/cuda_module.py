@@ -115,23 +115,20 @@ def fused_training(x, y, weight, bias, running_mean, running_var, momentum: floa
                                    plan.kernels[0] != "fused_nchw_kernel", plan.launch["vec"], mean, var))
 
 
-def autograd_launch(plans, backward_plan, config) -> tuple:
+def autograd_launch(plans, backward_plan, config, device) -> tuple:
     """train_autograd's launch arguments from a training forward's plans (save=True: one read-once kernel, or the
-    statistics and an eval plan) and the backward's plan (dispatch.cuda_backward)."""
+    statistics and an eval plan) and the backward's plan (dispatch.cuda_backward), for x on `device`."""
     eval_plan = plans[1].code if len(plans) > 1 else -1
-    return (plans[0].launch["vec"], plans[0].layout == "channels_last", eval_plan, config.blocks_per_sm,
+    max_blocks = config.blocks_per_sm * _sm_count(device) if config.blocks_per_sm else 0
+    return (plans[0].launch["vec"], plans[0].layout == "channels_last", eval_plan, max_blocks,
             cuda_backward.kernel_name(backward_plan), backward_plan.layout == "channels_last")
 
 
 def train_autograd(x, weight, bias, running_mean, running_var, momentum: float, eps: float, launch: tuple):
     """The training forward with autograd in one bound call (cuda_autograd.py): y, its grad_fn the backward
-    kernels' C++ node; `launch` from autograd_launch."""
-    vec, channels_last, eval_plan, blocks_per_sm, *backward = launch
-    max_blocks = blocks_per_sm * _sm_count(x.device) if blocks_per_sm else 0
-    y, error = module().train_autograd(x, weight, bias, running_mean, running_var, momentum, eps, vec, channels_last,
-                                       eval_plan, max_blocks, *backward)
-    _check(error)
-    return y
+    kernels' C++ node where x, weight or bias needs a gradient; `launch` from autograd_launch. Returns y and an
+    error message (y None then), which nothing has changed before."""
+    return module().train_autograd(x, weight, bias, running_mean, running_var, momentum, eps, *launch)
 
 
 def _check(error: str):

@@ -45,6 +45,18 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             y = cuda_module.eval_forward(input, weight, bias, running_mean, running_var, eps, code)
             if y is not None:
                 return y
+    # Training with autograd's hot path, the CUDA backend's, eager: the launch kept per shape and one bound call
+    # that checks, launches and records the backward (changing nothing where a check fails).
+    if (backend == "cuda" and training and config is None and out is None and isinstance(input, Tensor)
+            and input.is_cuda and _needs_grad(input, weight, bias) and not _is_compiling()):
+        launch = _AUTOGRAD_LAUNCHES.get(_autograd_key(input, weight, bias, _CUDA_DEFAULTS))
+        if launch is not None:
+            y, error = cuda_module.train_autograd(input, weight, bias, running_mean, running_var, momentum, eps,
+                                                  launch)
+            if error:  # the clearer message, where the general checks find the problem
+                _check_call(input, running_mean, running_var, weight, bias, training, backend)
+                raise RuntimeError(error)
+            return y
     _check_call(input, running_mean, running_var, weight, bias, training, backend)
     if not _runs_kernels(input, backend) or input.numel() == 0:
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -206,13 +218,22 @@ def _cuda_train(x, weight, bias, running_mean, running_var, momentum, eps, confi
     """The CUDA backend's training forward with autograd, eager: one bound call, whose backward is a C++
     autograd node (cuda_autograd.py), by launch arguments kept per what the plans depend on."""
     x = _dense(x, "cuda")
-    key = (config, x.shape, x.stride(), x.dtype, *(None if t is None else t.data_ptr() % dispatch.VEC_BYTES
-                                                  for t in (x, weight, bias)))
+    key = _autograd_key(x, weight, bias, config)
     launch = _AUTOGRAD_LAUNCHES.get(key)
     if launch is None:
         launch = _AUTOGRAD_LAUNCHES[key] = cuda_module.autograd_launch(
-            _train_plans(x, None, weight, bias, "cuda", config, True), dispatch.cuda_backward(x), config)
-    return cuda_module.train_autograd(x, weight, bias, running_mean, running_var, momentum, eps, launch)
+            _train_plans(x, None, weight, bias, "cuda", config, True), dispatch.cuda_backward(x), config, x.device)
+    y, error = cuda_module.train_autograd(x, weight, bias, running_mean, running_var, momentum, eps, launch)
+    cuda_module._check(error)
+    return y
+
+
+def _autograd_key(x, weight, bias, config) -> tuple:
+    """What _cuda_train's launch depends on: the config, x's shape, strides, dtype and device, and every tensor's
+    alignment."""
+    return (config, x.shape, x.stride(), x.dtype, x.get_device(), x.data_ptr() % dispatch.VEC_BYTES,
+            None if weight is None else weight.data_ptr() % dispatch.VEC_BYTES,
+            None if bias is None else bias.data_ptr() % dispatch.VEC_BYTES)
 
 
 def _train_plans(x, y, weight, bias, backend, config, save):
@@ -401,6 +422,7 @@ _HOT_PLANS = {}
 _TRAIN_PLANS = {}
 _BACKWARD_PLANS = {}
 _AUTOGRAD_LAUNCHES = {}
+_CUDA_DEFAULTS = CudaConfig()
 
 # Looked up once: it is asked on every call.
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
