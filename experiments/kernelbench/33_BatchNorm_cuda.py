@@ -2653,6 +2653,7 @@ struct TrainBackward : public torch::autograd::Node {
     torch::autograd::variable_list out(3);
     if (!grads[0].defined() || !(need_dx || need_dweight || need_dbias)) return out;
     const at::Tensor x_ = x.unpack(), mean_ = mean.unpack(), var_ = var.unpack(), weight_ = weight.unpack();
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // allocations and launches only
     const auto dy = grads[0].contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
     const auto options = x_.options().dtype(grad_dtype);
     c10::optional<at::Tensor> dx, dweight, dbias;
