@@ -94,10 +94,10 @@ def cases(x, backends):
             plans = functional._train_plans(x, None, None, None, backend, config, True)
             launch = cuda_module.autograd_launch(plans, dispatch.cuda_backward(x), config, x.device)
             yield "train binding", backend, lambda launch=launch: cuda_module.train_autograd(
-                x, None, None, *stats, 0.1, 1e-5, launch)
+                x, None, None, *stats, None, 0.1, 1e-5, launch)
             # The same call for a leaf that needs a grad: the C++ node recorded too (and freed with y).
             yield "train binding (node)", backend, lambda launch=launch, leaf=leaf, running=running: _outside_inference(
-                cuda_module.train_autograd, leaf, None, None, *running, 0.1, 1e-5, launch)
+                cuda_module.train_autograd, leaf, None, None, *running, None, 0.1, 1e-5, launch)
             # Its launch alone, into tensors allocated once; and the backward's bound call on the plan's kernel.
             if len(plans) == 1:
                 saved = functional._stats_like(x)

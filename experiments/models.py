@@ -7,9 +7,11 @@ experiments/results/models_<gpu>.csv.
     python -m experiments.models --tasks train --backends torch cuda triton
     python -m experiments.models --device cpu --models resnet18 --image 32 --batch 2 --backends torch   # smoke
     python -m experiments.models --tasks train --dtypes float32 --backends torch cuda --profile   # no rows
+    python -m experiments.models --tasks train --backends torch cuda --timing cudagraph --variant cudagraph
 
 With --profile each configuration is not timed but profiled (torch.profiler over a few steps): its wall time per
-step, the GPU's busy time per step, and the ops that take the most GPU and host time.
+step, the GPU's busy time per step, and the ops that take the most GPU and host time. With --timing cudagraph
+each step is replayed from a CUDA graph: the GPU's time alone, which a host-bound step hides.
 
 Weights random, BatchNorm running statistics and affine parameters randomised; input and labels random.
 rel_error: the output's (eval) or the parameter gradients' (train, every parameter's concatenated) relative L2
@@ -187,10 +189,13 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="default: experiments/results/models_<gpu>.csv")
     parser.add_argument("--device", default="cuda", help="cpu: one untimed step per row (a smoke test)")
     parser.add_argument("--profile", action="store_true", help="profile each configuration instead of timing it")
+    parser.add_argument("--timing", choices=["do_bench", "cudagraph"], default="do_bench",
+                        help="cudagraph: each step replayed from a CUDA graph, the GPU's time alone without the host's "
+                             "(name the rows' --variant for it)")
     args = parser.parse_args(argv)
     args.out = args.out or results_path("models")
     torch._dynamo.config.cache_size_limit = 64
-    timing = "cpu_wallclock" if args.device == "cpu" else "do_bench"
+    timing = "cpu_wallclock" if args.device == "cpu" else args.timing
 
     done = set() if args.profile else done_keys(args.out, KEY)
     todo = [p for p in points(args) if tuple(map(str, p)) + (args.variant,) not in done]

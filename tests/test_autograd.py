@@ -144,6 +144,25 @@ def test_cuda_eager_training_backward_is_a_cpp_node(params):
             assert relative_error(g.cpu(), r) <= 10 * TOLERANCE[torch.float32]
 
 
+@gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_module_counts_its_batches_in_the_kernels(layout):
+    """Once its launch is kept (after the first call), the CUDA module's training forward increments
+    num_batches_tracked in its kernels, as nn.BatchNorm2d's add_ does: the same count, and no aten op besides
+    allocations. NCHW 4x6x5x5 takes a read-once kernel; 8x6x64x65, and channels_last, the statistics kernels."""
+    for shape in ((4, 6, 5, 5), (8, 6, 64, 65)):
+        bn, reference = BatchNorm2d(6).cuda(), nn.BatchNorm2d(6).cuda()
+        x = make_layout(torch.randn(*shape, device="cuda"), layout).requires_grad_()
+        for _ in range(4):
+            bn(x)
+            reference(x)
+        assert int(bn.num_batches_tracked) == int(reference.num_batches_tracked) == 4
+        assert relative_error(bn.running_var, reference.running_var.double()) <= 1e-6
+        with OpRecorder() as recorder:
+            bn(x)
+        assert recorder.ops <= {"empty", "empty_like", "empty_strided"} and int(bn.num_batches_tracked) == 5
+
+
 def test_explain_for_a_training_call_with_grad():
     """With autograd the forward keeps its statistics for the backward: the read-once kernels do, and a
     tensor too large for them takes the statistics kernels, then the normalisation; the backward's plan comes

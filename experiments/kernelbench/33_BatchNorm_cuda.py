@@ -88,6 +88,7 @@ struct StatsLaunch {
   void* running_var;
   bool running_fp32;
   double momentum;
+  int64_t* batches;  // the module's num_batches_tracked, incremented by the launch where given (else null)
   cudaStream_t stream;
 };
 
@@ -970,6 +971,13 @@ __device__ __forceinline__ void update_running(void* running_mean, void* running
                           load_running<scalar_t>(running_mean, running_var, fp32, c), s, momentum);
 }
 
+// The module's batch count (num_batches_tracked) plus one, where given, by block 0's thread 0: a reduction to
+// memory, which holds no register afterwards (a load and store here spilled the block per channel on sm_90).
+__device__ __forceinline__ void count_batch(int64_t* batches) {
+  if (batches != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
+    atomicAdd(reinterpret_cast<unsigned long long*>(batches), 1ull);
+}
+
 // A warp per channel merges the channel's `parts` pieces, writes the batch mean and biased variance, and
 // updates the running statistics (when given). The merge is by sums alone, as block_summary's: the mean from
 // the counts and count-weighted means, then M2 from each piece's M2 and its spread around that mean (a merge
@@ -977,9 +985,11 @@ __device__ __forceinline__ void update_running(void* running_mean, void* running
 template <typename scalar_t>
 __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_t parts, int64_t channels,
                                       typename Acc<scalar_t>::type* mean, typename Acc<scalar_t>::type* var,
-                                      void* running_mean, void* running_var, bool running_fp32, double momentum) {
+                                      void* running_mean, void* running_var, bool running_fp32, double momentum,
+                                      int64_t* batches) {
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
+  count_batch(batches);
   if (c >= channels) return;
   // Piece p of channel c: count n[p * channels], mean means[...], M2 m2s[...].
   const double* n = summary + c;
@@ -1187,10 +1197,12 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int units,
     int64_t plane_vecs, FastDiv plane_div, void* running_mean, void* running_var, bool running_fp32,
-    double momentum, typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var) {
+    double momentum, typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var,
+    int64_t* batches) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   __shared__ double scratch[32];
+  count_batch(batches);
   vec_t* stash = reinterpret_cast<vec_t*>(shared_table);
   const vec_t* xv = reinterpret_cast<const vec_t*>(x);
   vec_t* yv = reinterpret_cast<vec_t*>(y);
@@ -1267,10 +1279,11 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int rows, int cols,
     void* running_mean, void* running_var, bool running_fp32, double momentum,
-    typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var) {
+    typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var, int64_t* batches) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   __shared__ double scratch[CHANNEL_THREADS / 32 * GROUP_BYTES / 2];  // cols * VEC <= 16 channels
+  count_batch(batches);
   vec_t* stash = reinterpret_cast<vec_t*>(shared_table);
   const int col = threadIdx.x % cols, step = blockDim.x / cols;
   const int64_t c0 = (int64_t(blockIdx.x) * cols + col) * VEC;  // the thread's first channel
@@ -1389,7 +1402,7 @@ cudaError_t finalize_launch(const StatsLaunch& l, int64_t parts) {
   using acc_t = typename Acc<scalar_t>::type;
   finalize_stats_kernel<scalar_t><<<cdiv(l.channels * 32, 256), 256, 0, l.stream>>>(
       l.summary, parts, l.channels, static_cast<acc_t*>(l.mean), static_cast<acc_t*>(l.var), l.running_mean,
-      l.running_var, l.running_fp32, l.momentum);
+      l.running_var, l.running_fp32, l.momentum, l.batches);
   return cudaGetLastError();
 }
 
@@ -1452,7 +1465,7 @@ cudaError_t channel_launch(const StatsLaunch& l) {
   kernel<<<l.channels, channel_threads(kernel, shared, l.channels), shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(units), plane_vecs,
       make_fast_div(uint32_t(plane_vecs)), l.running_mean, l.running_var, l.running_fp32, l.momentum,
-      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var));
+      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var), l.batches);
   return cudaGetLastError();
 }
 
@@ -1479,7 +1492,7 @@ cudaError_t channel_group_launch(const StatsLaunch& l) {
   kernel<<<groups, channel_threads(kernel, shared, groups), shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(rows), cols,
       l.running_mean, l.running_var, l.running_fp32, l.momentum,
-      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var));
+      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var), l.batches);
   return cudaGetLastError();
 }
 
@@ -1504,7 +1517,8 @@ const char* stats_plan_error(const StatsLaunch& l) {
   if (l.fused == Fused::Grid && (l.dtype != DType::Float || l.vec != VEC_BYTES / 4 || l.channels_last ||
                                  l.numel / l.channels / l.vec > INT32_MAX))
     return "the persistent kernel needs float32 NCHW in 16-byte vectors, fewer than 2^31 of them per channel";
-  if (l.fused == Fused::Grid && l.mean != nullptr) return "the persistent kernel does not give the batch statistics";
+  if (l.fused == Fused::Grid && (l.mean != nullptr || l.batches != nullptr))
+    return "the persistent kernel does not give the batch statistics nor count the batch";
   return nullptr;
 }
 
@@ -2277,6 +2291,7 @@ struct StatsLaunch {
   void* running_var;
   bool running_fp32;
   double momentum;
+  int64_t* batches;  // the module's num_batches_tracked, incremented by the launch where given (else null)
   cudaStream_t stream;
 };
 
@@ -2435,9 +2450,12 @@ std::string run(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tens
 // workspace, three doubles per channel per piece, on x's device and current stream.
 std::string run_training(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
                          const c10::optional<at::Tensor>& running_var, double momentum, bool channels_last,
-                         int64_t vec, bn2d::StatsLaunch& launch) {
+                         int64_t vec, const c10::optional<at::Tensor>& count, bn2d::StatsLaunch& launch) {
   if (auto error = check_pair(x, running_mean, running_var); !error.empty()) return error;
   BN2D_REQUIRE(running_mean.has_value() == running_var.has_value(), "give both running statistics or neither");
+  BN2D_REQUIRE(!count.has_value() || (count->scalar_type() == at::kLong && count->numel() == 1 &&
+                                      count->device() == x.device()),
+               "the batch count must be one int64 on the input's device");
   BN2D_REQUIRE(x.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
                "the input's memory layout does not match `channels_last`");
   BN2D_REQUIRE(x.numel() > x.size(1), "training needs more than one value per channel");
@@ -2453,6 +2471,7 @@ std::string run_training(const at::Tensor& x, const c10::optional<at::Tensor>& r
   launch.running_var = running_var.has_value() ? running_var->data_ptr() : nullptr;
   launch.running_fp32 = running_mean.has_value() && running_mean->scalar_type() == at::kFloat;
   launch.momentum = momentum;
+  launch.batches = count.has_value() ? count->data_ptr<int64_t>() : nullptr;
   launch.stream = c10::cuda::getCurrentCUDAStream().stream();
   if (const char* error = bn2d::stats_plan_error(launch)) return std::string("bn2d: ") + error;
   at::Tensor summary;  // none for a block per channel or group (an empty allocation is host time of its own)
@@ -2498,10 +2517,11 @@ at::Tensor eval_forward(const at::Tensor& x, const c10::optional<at::Tensor>& we
 }
 
 // Training mode: the batch mean and biased variance of each channel of x into `mean` and `var` (float32,
-// float64 for float64 input), and the running statistics updated in place (when given).
+// float64 for float64 input), the running statistics updated in place and the batch count (a module's
+// num_batches_tracked) incremented (each when given).
 std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
                         const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
-                        double momentum, bool channels_last, int64_t vec) {
+                        double momentum, bool channels_last, int64_t vec, const c10::optional<at::Tensor>& count) {
   if (auto error = check_io(x, x); !error.empty()) return error;
   if (auto error = check_pair(x, mean, var); !error.empty()) return error;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -2510,7 +2530,7 @@ std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
   bn2d::StatsLaunch launch{};
   launch.mean = mean.data_ptr();
   launch.var = var.data_ptr();
-  return run_training(x, running_mean, running_var, momentum, channels_last, vec, launch);
+  return run_training(x, running_mean, running_var, momentum, channels_last, vec, count, launch);
 }
 
 // Training mode in one kernel that reads x from device memory once: y normalised with the batch statistics,
@@ -2518,12 +2538,12 @@ std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
 // per channel group of channels_last (the channel or group must fit in a block's shared memory); else the
 // persistent grid (contiguous NCHW, float32 in 16-byte vectors). `vec`: elements per vector access. The batch
 // mean and biased variance into `mean` and `var` where given (float32, float64 for float64 input; a block per
-// channel or group only).
+// channel or group only), and the batch count incremented where given (a block per channel or group only).
 std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                            const c10::optional<at::Tensor>& running_var, double momentum, double eps,
                            bool per_channel, int64_t vec, const c10::optional<at::Tensor>& mean,
-                           const c10::optional<at::Tensor>& var) {
+                           const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& count) {
   if (auto error = check_io(x, y); !error.empty()) return error;
   if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
   if (auto error = check_pair(x, mean, var); !error.empty()) return error;
@@ -2540,7 +2560,7 @@ std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::option
   launch.fused = per_channel ? bn2d::Fused::Channel : bn2d::Fused::Grid;
   launch.mean = mean.has_value() ? mean->data_ptr() : nullptr;
   launch.var = var.has_value() ? var->data_ptr() : nullptr;
-  return run_training(x, running_mean, running_var, momentum, channels_last, vec, launch);
+  return run_training(x, running_mean, running_var, momentum, channels_last, vec, count, launch);
 }
 
 // The backward: dx, dweight and dbias (each given where asked, else None; dweight and dbias float32 or x's
@@ -2684,7 +2704,8 @@ auto make_node() {
 
 }  // namespace
 
-// Training mode, eager: y normalised with x's batch statistics, the running statistics updated, and, where x,
+// Training mode, eager: y normalised with x's batch statistics, the running statistics updated, the batch count
+// (a module's num_batches_tracked) incremented where given, and, where x,
 // weight or bias needs a gradient, y's grad_fn the backward above, by the plans Python chose: `eval_plan` < 0
 // one read-once kernel (vectors of `vec`), else the statistics (vectors of `vec`, `channels_last`) and then the
 // packed eval plan (`max_blocks`: its grid cap, 0 none); the backward by `backward_kernel` on
@@ -2692,9 +2713,9 @@ auto make_node() {
 // Returns y and an error message (y None then); nothing is thrown.
 std::tuple<at::Tensor, std::string> train_autograd(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
-    double eps, int64_t vec, bool channels_last, int64_t eval_plan, int64_t max_blocks,
-    const std::string& backward_kernel, bool backward_channels_last) {
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& count, double momentum, double eps, int64_t vec, bool channels_last,
+    int64_t eval_plan, int64_t max_blocks, const std::string& backward_kernel, bool backward_channels_last) {
   try {
     if (auto error = check_io(x, x); !error.empty()) return {at::Tensor(), error};
     if (auto error = check_pair(x, weight, bias); !error.empty()) return {at::Tensor(), error};
@@ -2714,8 +2735,9 @@ std::tuple<at::Tensor, std::string> train_autograd(
       mean = at::empty({x.size(1)}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
       var = at::empty_like(mean);
       error = eval_plan < 0 ? fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps, true, vec,
-                                             mean, var)
-                            : batch_stats(x, mean, var, running_mean, running_var, momentum, channels_last, vec);
+                                             mean, var, count)
+                            : batch_stats(x, mean, var, running_mean, running_var, momentum, channels_last, vec,
+                                          count);
       if (error.empty() && eval_plan >= 0) error = normalize(x, y, weight, bias, mean, var, eps, eval_plan, max_blocks);
     }
     if (!error.empty()) return {at::Tensor(), error};

@@ -71,7 +71,8 @@ auto make_node() {
 
 }  // namespace
 
-// Training mode, eager: y normalised with x's batch statistics, the running statistics updated, and, where x,
+// Training mode, eager: y normalised with x's batch statistics, the running statistics updated, the batch count
+// (a module's num_batches_tracked) incremented where given, and, where x,
 // weight or bias needs a gradient, y's grad_fn the backward above, by the plans Python chose: `eval_plan` < 0
 // one read-once kernel (vectors of `vec`), else the statistics (vectors of `vec`, `channels_last`) and then the
 // packed eval plan (`max_blocks`: its grid cap, 0 none); the backward by `backward_kernel` on
@@ -79,9 +80,9 @@ auto make_node() {
 // Returns y and an error message (y None then); nothing is thrown.
 std::tuple<at::Tensor, std::string> train_autograd(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
-    double eps, int64_t vec, bool channels_last, int64_t eval_plan, int64_t max_blocks,
-    const std::string& backward_kernel, bool backward_channels_last) {
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& count, double momentum, double eps, int64_t vec, bool channels_last,
+    int64_t eval_plan, int64_t max_blocks, const std::string& backward_kernel, bool backward_channels_last) {
   try {
     if (auto error = check_io(x, x); !error.empty()) return {at::Tensor(), error};
     if (auto error = check_pair(x, weight, bias); !error.empty()) return {at::Tensor(), error};
@@ -101,8 +102,9 @@ std::tuple<at::Tensor, std::string> train_autograd(
       mean = at::empty({x.size(1)}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
       var = at::empty_like(mean);
       error = eval_plan < 0 ? fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps, true, vec,
-                                             mean, var)
-                            : batch_stats(x, mean, var, running_mean, running_var, momentum, channels_last, vec);
+                                             mean, var, count)
+                            : batch_stats(x, mean, var, running_mean, running_var, momentum, channels_last, vec,
+                                          count);
       if (error.empty() && eval_plan >= 0) error = normalize(x, y, weight, bias, mean, var, eps, eval_plan, max_blocks);
     }
     if (!error.empty()) return {at::Tensor(), error};

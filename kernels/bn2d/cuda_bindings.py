@@ -118,9 +118,12 @@ std::string run(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tens
 // workspace, three doubles per channel per piece, on x's device and current stream.
 std::string run_training(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
                          const c10::optional<at::Tensor>& running_var, double momentum, bool channels_last,
-                         int64_t vec, bn2d::StatsLaunch& launch) {
+                         int64_t vec, const c10::optional<at::Tensor>& count, bn2d::StatsLaunch& launch) {
   if (auto error = check_pair(x, running_mean, running_var); !error.empty()) return error;
   BN2D_REQUIRE(running_mean.has_value() == running_var.has_value(), "give both running statistics or neither");
+  BN2D_REQUIRE(!count.has_value() || (count->scalar_type() == at::kLong && count->numel() == 1 &&
+                                      count->device() == x.device()),
+               "the batch count must be one int64 on the input's device");
   BN2D_REQUIRE(x.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
                "the input's memory layout does not match `channels_last`");
   BN2D_REQUIRE(x.numel() > x.size(1), "training needs more than one value per channel");
@@ -136,6 +139,7 @@ std::string run_training(const at::Tensor& x, const c10::optional<at::Tensor>& r
   launch.running_var = running_var.has_value() ? running_var->data_ptr() : nullptr;
   launch.running_fp32 = running_mean.has_value() && running_mean->scalar_type() == at::kFloat;
   launch.momentum = momentum;
+  launch.batches = count.has_value() ? count->data_ptr<int64_t>() : nullptr;
   launch.stream = c10::cuda::getCurrentCUDAStream().stream();
   if (const char* error = bn2d::stats_plan_error(launch)) return std::string("bn2d: ") + error;
   at::Tensor summary;  // none for a block per channel or group (an empty allocation is host time of its own)
@@ -181,10 +185,11 @@ at::Tensor eval_forward(const at::Tensor& x, const c10::optional<at::Tensor>& we
 }
 
 // Training mode: the batch mean and biased variance of each channel of x into `mean` and `var` (float32,
-// float64 for float64 input), and the running statistics updated in place (when given).
+// float64 for float64 input), the running statistics updated in place and the batch count (a module's
+// num_batches_tracked) incremented (each when given).
 std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
                         const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
-                        double momentum, bool channels_last, int64_t vec) {
+                        double momentum, bool channels_last, int64_t vec, const c10::optional<at::Tensor>& count) {
   if (auto error = check_io(x, x); !error.empty()) return error;
   if (auto error = check_pair(x, mean, var); !error.empty()) return error;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -193,7 +198,7 @@ std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
   bn2d::StatsLaunch launch{};
   launch.mean = mean.data_ptr();
   launch.var = var.data_ptr();
-  return run_training(x, running_mean, running_var, momentum, channels_last, vec, launch);
+  return run_training(x, running_mean, running_var, momentum, channels_last, vec, count, launch);
 }
 
 // Training mode in one kernel that reads x from device memory once: y normalised with the batch statistics,
@@ -201,12 +206,12 @@ std::string batch_stats(const at::Tensor& x, at::Tensor& mean, at::Tensor& var,
 // per channel group of channels_last (the channel or group must fit in a block's shared memory); else the
 // persistent grid (contiguous NCHW, float32 in 16-byte vectors). `vec`: elements per vector access. The batch
 // mean and biased variance into `mean` and `var` where given (float32, float64 for float64 input; a block per
-// channel or group only).
+// channel or group only), and the batch count incremented where given (a block per channel or group only).
 std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                            const c10::optional<at::Tensor>& running_var, double momentum, double eps,
                            bool per_channel, int64_t vec, const c10::optional<at::Tensor>& mean,
-                           const c10::optional<at::Tensor>& var) {
+                           const c10::optional<at::Tensor>& var, const c10::optional<at::Tensor>& count) {
   if (auto error = check_io(x, y); !error.empty()) return error;
   if (auto error = check_pair(x, weight, bias); !error.empty()) return error;
   if (auto error = check_pair(x, mean, var); !error.empty()) return error;
@@ -223,7 +228,7 @@ std::string fused_training(const at::Tensor& x, at::Tensor& y, const c10::option
   launch.fused = per_channel ? bn2d::Fused::Channel : bn2d::Fused::Grid;
   launch.mean = mean.has_value() ? mean->data_ptr() : nullptr;
   launch.var = var.has_value() ? var->data_ptr() : nullptr;
-  return run_training(x, running_mean, running_var, momentum, channels_last, vec, launch);
+  return run_training(x, running_mean, running_var, momentum, channels_last, vec, count, launch);
 }
 """
 

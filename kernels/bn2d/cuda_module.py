@@ -102,7 +102,7 @@ def batch_stats(x, running_mean, running_var, momentum: float, plan):
     mean = torch.empty(x.size(1), device=x.device, dtype=acc)
     var = torch.empty_like(mean)
     _check(module().batch_stats(x, mean, var, running_mean, running_var, momentum, plan.layout == "channels_last",
-                                plan.launch["vec"]))
+                                plan.launch["vec"], None))
     return mean, var
 
 
@@ -112,7 +112,7 @@ def fused_training(x, y, weight, bias, running_mean, running_var, momentum: floa
     `save`: (mean, var) tensors for the batch mean and biased variance (not the persistent grid's)."""
     mean, var = save or (None, None)
     _check(module().fused_training(x, y, weight, bias, running_mean, running_var, momentum, eps,
-                                   plan.kernels[0] != "fused_nchw_kernel", plan.launch["vec"], mean, var))
+                                   plan.kernels[0] != "fused_nchw_kernel", plan.launch["vec"], mean, var, None))
 
 
 def autograd_launch(plans, backward_plan, config, device) -> tuple:
@@ -124,11 +124,12 @@ def autograd_launch(plans, backward_plan, config, device) -> tuple:
             cuda_backward.kernel_name(backward_plan), backward_plan.layout == "channels_last")
 
 
-def train_autograd(x, weight, bias, running_mean, running_var, momentum: float, eps: float, launch: tuple):
+def train_autograd(x, weight, bias, running_mean, running_var, count, momentum: float, eps: float, launch: tuple):
     """The training forward with autograd in one bound call (cuda_autograd.py): y, its grad_fn the backward
-    kernels' C++ node where x, weight or bias needs a gradient; `launch` from autograd_launch. Returns y and an
-    error message (y None then), which nothing has changed before."""
-    return module().train_autograd(x, weight, bias, running_mean, running_var, momentum, eps, *launch)
+    kernels' C++ node where x, weight or bias needs a gradient, and the batch count `count` (a module's
+    num_batches_tracked) incremented where given; `launch` from autograd_launch. Returns y and an error message
+    (y None then), which nothing has changed before."""
+    return module().train_autograd(x, weight, bias, running_mean, running_var, count, momentum, eps, *launch)
 
 
 def _check(error: str):

@@ -39,6 +39,7 @@ struct StatsLaunch {
   void* running_var;
   bool running_fp32;
   double momentum;
+  int64_t* batches;  // the module's num_batches_tracked, incremented by the launch where given (else null)
   cudaStream_t stream;
 };
 
@@ -243,6 +244,13 @@ __device__ __forceinline__ void update_running(void* running_mean, void* running
                           load_running<scalar_t>(running_mean, running_var, fp32, c), s, momentum);
 }
 
+// The module's batch count (num_batches_tracked) plus one, where given, by block 0's thread 0: a reduction to
+// memory, which holds no register afterwards (a load and store here spilled the block per channel on sm_90).
+__device__ __forceinline__ void count_batch(int64_t* batches) {
+  if (batches != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
+    atomicAdd(reinterpret_cast<unsigned long long*>(batches), 1ull);
+}
+
 // A warp per channel merges the channel's `parts` pieces, writes the batch mean and biased variance, and
 // updates the running statistics (when given). The merge is by sums alone, as block_summary's: the mean from
 // the counts and count-weighted means, then M2 from each piece's M2 and its spread around that mean (a merge
@@ -250,9 +258,11 @@ __device__ __forceinline__ void update_running(void* running_mean, void* running
 template <typename scalar_t>
 __global__ void finalize_stats_kernel(const double* __restrict__ summary, int64_t parts, int64_t channels,
                                       typename Acc<scalar_t>::type* mean, typename Acc<scalar_t>::type* var,
-                                      void* running_mean, void* running_var, bool running_fp32, double momentum) {
+                                      void* running_mean, void* running_var, bool running_fp32, double momentum,
+                                      int64_t* batches) {
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
+  count_batch(batches);
   if (c >= channels) return;
   // Piece p of channel c: count n[p * channels], mean means[...], M2 m2s[...].
   const double* n = summary + c;
@@ -460,10 +470,12 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNEL_THREADS) channel_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int units,
     int64_t plane_vecs, FastDiv plane_div, void* running_mean, void* running_var, bool running_fp32,
-    double momentum, typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var) {
+    double momentum, typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var,
+    int64_t* batches) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   __shared__ double scratch[32];
+  count_batch(batches);
   vec_t* stash = reinterpret_cast<vec_t*>(shared_table);
   const vec_t* xv = reinterpret_cast<const vec_t*>(x);
   vec_t* yv = reinterpret_cast<vec_t*>(y);
@@ -540,10 +552,11 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(CHANNEL_THREADS) channel_group_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const Params p, int64_t channels, int rows, int cols,
     void* running_mean, void* running_var, bool running_fp32, double momentum,
-    typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var) {
+    typename Acc<scalar_t>::type* save_mean, typename Acc<scalar_t>::type* save_var, int64_t* batches) {
   using acc_t = typename Acc<scalar_t>::type;
   using vec_t = Vec<scalar_t, VEC>;
   __shared__ double scratch[CHANNEL_THREADS / 32 * GROUP_BYTES / 2];  // cols * VEC <= 16 channels
+  count_batch(batches);
   vec_t* stash = reinterpret_cast<vec_t*>(shared_table);
   const int col = threadIdx.x % cols, step = blockDim.x / cols;
   const int64_t c0 = (int64_t(blockIdx.x) * cols + col) * VEC;  // the thread's first channel
@@ -662,7 +675,7 @@ cudaError_t finalize_launch(const StatsLaunch& l, int64_t parts) {
   using acc_t = typename Acc<scalar_t>::type;
   finalize_stats_kernel<scalar_t><<<cdiv(l.channels * 32, 256), 256, 0, l.stream>>>(
       l.summary, parts, l.channels, static_cast<acc_t*>(l.mean), static_cast<acc_t*>(l.var), l.running_mean,
-      l.running_var, l.running_fp32, l.momentum);
+      l.running_var, l.running_fp32, l.momentum, l.batches);
   return cudaGetLastError();
 }
 
@@ -725,7 +738,7 @@ cudaError_t channel_launch(const StatsLaunch& l) {
   kernel<<<l.channels, channel_threads(kernel, shared, l.channels), shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(units), plane_vecs,
       make_fast_div(uint32_t(plane_vecs)), l.running_mean, l.running_var, l.running_fp32, l.momentum,
-      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var));
+      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var), l.batches);
   return cudaGetLastError();
 }
 
@@ -752,7 +765,7 @@ cudaError_t channel_group_launch(const StatsLaunch& l) {
   kernel<<<groups, channel_threads(kernel, shared, groups), shared, l.stream>>>(
       static_cast<const scalar_t*>(l.x), static_cast<scalar_t*>(l.y), l.params, l.channels, int(rows), cols,
       l.running_mean, l.running_var, l.running_fp32, l.momentum,
-      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var));
+      static_cast<typename Acc<scalar_t>::type*>(l.mean), static_cast<typename Acc<scalar_t>::type*>(l.var), l.batches);
   return cudaGetLastError();
 }
 
@@ -777,7 +790,8 @@ const char* stats_plan_error(const StatsLaunch& l) {
   if (l.fused == Fused::Grid && (l.dtype != DType::Float || l.vec != VEC_BYTES / 4 || l.channels_last ||
                                  l.numel / l.channels / l.vec > INT32_MAX))
     return "the persistent kernel needs float32 NCHW in 16-byte vectors, fewer than 2^31 of them per channel";
-  if (l.fused == Fused::Grid && l.mean != nullptr) return "the persistent kernel does not give the batch statistics";
+  if (l.fused == Fused::Grid && (l.mean != nullptr || l.batches != nullptr))
+    return "the persistent kernel does not give the batch statistics nor count the batch";
   return nullptr;
 }
 

@@ -45,17 +45,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             y = cuda_module.eval_forward(input, weight, bias, running_mean, running_var, eps, code)
             if y is not None:
                 return y
-    # Training with autograd's hot path, the CUDA backend's, eager: the launch kept per shape and one bound call
-    # that checks, launches and records the backward (changing nothing where a check fails).
-    if (backend == "cuda" and training and config is None and out is None and isinstance(input, Tensor)
-            and input.is_cuda and _needs_grad(input, weight, bias) and not _is_compiling()):
-        launch = _AUTOGRAD_LAUNCHES.get(_autograd_key(input, weight, bias, _CUDA_DEFAULTS))
-        if launch is not None:
-            y, error = cuda_module.train_autograd(input, weight, bias, running_mean, running_var, momentum, eps,
-                                                  launch)
-            if error:  # the clearer message, where the general checks find the problem
-                _check_call(input, running_mean, running_var, weight, bias, training, backend)
-                raise RuntimeError(error)
+    if backend == "cuda" and training and config is None and out is None:
+        y = _cuda_train_hot(input, weight, bias, running_mean, running_var, momentum, eps)
+        if y is not None:
             return y
     _check_call(input, running_mean, running_var, weight, bias, training, backend)
     if not _runs_kernels(input, backend) or input.numel() == 0:
@@ -223,8 +215,25 @@ def _cuda_train(x, weight, bias, running_mean, running_var, momentum, eps, confi
     if launch is None:
         launch = _AUTOGRAD_LAUNCHES[key] = cuda_module.autograd_launch(
             _train_plans(x, None, weight, bias, "cuda", config, True), dispatch.cuda_backward(x), config, x.device)
-    y, error = cuda_module.train_autograd(x, weight, bias, running_mean, running_var, momentum, eps, launch)
+    y, error = cuda_module.train_autograd(x, weight, bias, running_mean, running_var, None, momentum, eps, launch)
     cuda_module._check(error)
+    return y
+
+
+def _cuda_train_hot(input, weight, bias, running_mean, running_var, momentum, eps, count=None):
+    """Training with autograd's hot path, the CUDA backend's, eager, default config: the launch kept per shape
+    and one bound call that checks, launches and records the backward (changing nothing where a check fails);
+    `count`, a module's num_batches_tracked, incremented by the kernels. None where the call takes the general
+    path (no launch kept for it yet, no gradient needed, or torch.compile tracing)."""
+    if not (isinstance(input, Tensor) and input.is_cuda and _needs_grad(input, weight, bias)) or _is_compiling():
+        return None
+    launch = _AUTOGRAD_LAUNCHES.get(_autograd_key(input, weight, bias, _CUDA_DEFAULTS))
+    if launch is None:
+        return None
+    y, error = cuda_module.train_autograd(input, weight, bias, running_mean, running_var, count, momentum, eps, launch)
+    if error:  # the clearer message, where the general checks find the problem
+        _check_call(input, running_mean, running_var, weight, bias, True, "cuda")
+        raise RuntimeError(error)
     return y
 
 

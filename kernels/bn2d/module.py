@@ -1,6 +1,7 @@
 """``BatchNorm2d``: ``nn.BatchNorm2d`` with its forward on a chosen backend, and ``convert``."""
 from torch import nn
 
+from . import functional
 from .functional import BACKENDS, batch_norm
 
 
@@ -27,6 +28,12 @@ class BatchNorm2d(nn.BatchNorm2d):
         if not self.training and running_mean is not None:  # eval with running statistics: the hot path
             return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps,
                               backend=self.backend)
+        count = b.get("num_batches_tracked") if self.training and self.momentum is not None else None
+        if count is not None and self.backend == "cuda":  # training with autograd's hot path: the kernels count
+            y = functional._cuda_train_hot(input, weight, bias, running_mean, running_var, self.momentum, self.eps,
+                                           count)
+            if y is not None:
+                return y
         self._check_input_dim(input)
         # The momentum and num_batches_tracked bookkeeping of nn.BatchNorm2d.forward, line for line.
         factor = 0.0 if self.momentum is None else self.momentum
