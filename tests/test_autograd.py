@@ -145,6 +145,27 @@ def test_cuda_eager_training_backward_is_a_cpp_node(params):
 
 
 @gpu
+def test_cuda_eager_training_node_keeps_autograds_rules():
+    """The C++ node saves x as autograd's own nodes do: an in-place change of x after the forward, or a second
+    backward through a freed graph, raises autograd's error; with retain_graph the gradients accumulate."""
+    x = torch.randn(4, 6, 5, 5, device="cuda", requires_grad=True)
+    weight = torch.randn(6, device="cuda", requires_grad=True)
+    y = batch_norm(x * 1, None, None, weight, None, training=True)
+    dy = torch.randn_like(y)
+    y.backward(dy, retain_graph=True)
+    first = x.grad.clone(), weight.grad.clone()
+    y.backward(dy)
+    assert torch.allclose(x.grad, 2 * first[0]) and torch.allclose(weight.grad, 2 * first[1])
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward(dy)
+    inner = x * 1
+    y = batch_norm(inner, None, None, weight, None, training=True)
+    inner.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+
+
+@gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cuda_module_counts_its_batches_in_the_kernels(layout):
     """Once its launch is kept (after the first call), the CUDA module's training forward increments
