@@ -3,10 +3,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import BACKENDS, DEVICE, TOLERANCE
 from torch import nn
 
-from bn2d import BatchNorm2d, batch_norm, convert, kernelbench
+from bn2d import BatchNorm2d, BatchNormAddReLU2d, BatchNormReLU2d, batch_norm, convert, explain, kernelbench
 from bn2d.reference import relative_error
 
 
@@ -187,3 +188,108 @@ def test_triton_interpret_set_after_import(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after bn2d was imported"):
         batch_norm(torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3), backend="triton")
+
+
+# The fused modules and convert(fuse=True). The kernels do not fuse the add and the ReLU yet (explain says so):
+# what is checked here is the ops' meaning, which the fused kernels will keep.
+FUSED_BACKENDS = ["torch", *BACKENDS]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add_relu"])
+def test_fused_ops_match_the_unfused_ones(backend, training, residual):
+    """relu(batch_norm(x) + z) as one call: its output, the running statistics and every gradient (x, weight,
+    bias, z) as PyTorch's ops give them in float64."""
+    x = torch.randn(4, 6, 5, 7, device=DEVICE, requires_grad=True)
+    z = torch.randn_like(x, requires_grad=True) if residual else None
+    weight, bias = (torch.randn(6, device=DEVICE, requires_grad=True) for _ in range(2))
+    running = torch.randn(6, device=DEVICE), torch.rand(6, device=DEVICE) + 0.5
+    expected_running = tuple(t.double() for t in running)
+    y = batch_norm(x, *running, weight, bias, training, backend=backend, activation="relu", residual=z)
+    inputs = [t for t in (x, weight, bias, z) if t is not None]
+    doubles = [t.detach().double().requires_grad_() for t in inputs]
+    expected = F.batch_norm(doubles[0], *expected_running, doubles[1], doubles[2], training)
+    expected = torch.relu(expected + doubles[3] if residual else expected)
+    assert relative_error(y, expected) <= 1e-6
+    assert all(relative_error(a, b) <= 1e-6 for a, b in zip(running, expected_running))
+    dy = torch.randn_like(y)
+    for g, r in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(expected, doubles, dy.double())):
+        assert relative_error(g, r) <= 1e-5
+
+
+def test_fused_ops_check_their_arguments():
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    running = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        batch_norm(x, *running, activation="gelu")
+    with pytest.raises(ValueError, match="residual must have the input's shape"):
+        batch_norm(x, *running, activation="relu", residual=x[:1])
+    with pytest.raises(TypeError, match="residual must be a Tensor"):
+        batch_norm(x, *running, residual=1.0)
+    plans = explain(x, *running, backend="torch", activation="relu", residual=x)
+    assert [(p.op, p.kernels) for p in plans] == [("eval", ("F.batch_norm",)), ("epilogue", ("add", "relu"))]
+
+
+class Block(nn.Module):
+    """A ResNet bottleneck's shape: one ReLU module used three times, the residual added in place, and a
+    downsample BatchNorm computed after the block's last one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)
+        self.downsample = nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.downsample(x)
+        return self.relu(out)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_convert_fuse_rewrites_the_graph_and_shares_state(training):
+    model = nn.Sequential(Block(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU()).to(DEVICE).train(training)
+    reference = copy.deepcopy(model)
+    fused = convert(model, "triton", fuse=True)
+    kinds = {name: type(m) for name, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert kinds == {"0.bn1": BatchNormReLU2d, "0.bn2": BatchNormAddReLU2d, "0.downsample.1": BatchNorm2d,
+                     "2": BatchNormReLU2d}
+    assert all(m.backend == "triton" and m.training == training for m in fused.modules() if isinstance(m, BatchNorm2d))
+    assert type(model[0].bn1) is nn.BatchNorm2d  # the model itself is left as it was
+    assert fused.get_submodule("0.bn2").weight is model[0].bn2.weight
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    y, expected = fused(x), reference(x)
+    assert relative_error(y, expected.double()) <= 1e-5
+    if training:
+        y.sum().backward()
+        expected.sum().backward()
+        assert relative_error(model[0].bn2.weight.grad, reference[0].bn2.weight.grad.double()) <= 1e-4
+        assert_same_state(reference, fused)
+
+
+def test_convert_fuse_counts_resnet50s_blocks():
+    import torchvision
+
+    fused = convert(torchvision.models.resnet50(), "torch", fuse=True)
+    kinds = [type(m) for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert (kinds.count(BatchNormReLU2d), kinds.count(BatchNormAddReLU2d), kinds.count(BatchNorm2d)) == (33, 16, 4)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return torch.relu(self.bn(x)) if x.sum() > 0 else x  # control flow on a value: torch.fx cannot trace it
+
+
+def test_convert_fuse_falls_back_to_the_swap_where_tracing_fails():
+    model = Branchy()
+    with pytest.warns(UserWarning, match="could not trace Branchy"):
+        assert convert(model, "triton", fuse=True) is model
+    assert type(model.bn) is BatchNorm2d and model.bn.backend == "triton"

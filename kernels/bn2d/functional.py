@@ -16,13 +16,15 @@ from .dispatch import CudaConfig, Plan, TritonConfig
 
 BACKENDS = ("cuda", "cuda_naive", "triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ACTIVATIONS = (None, "relu")
 CONFIGS = {"cuda": CudaConfig, "cuda_naive": CudaConfig, "triton": TritonConfig}
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5, *, backend: str = "cuda", config=None,
-               out: Optional[Tensor] = None) -> Tensor:
+               out: Optional[Tensor] = None, activation: Optional[str] = None,
+               residual: Optional[Tensor] = None) -> Tensor:
     """BatchNorm2d with the semantics of ``torch.nn.functional.batch_norm``.
 
     Eval mode normalises with the running statistics; training mode (or no running statistics) with the
@@ -31,7 +33,16 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     tuned default). ``out`` receives the result (it may be ``input`` itself); it must have the shape, dtype
     and strides of the result. CPU tensors go through PyTorch, except the Triton backend under
     ``TRITON_INTERPRET=1``. ``explain`` tells which kernels a call runs.
+
+    ``residual`` (a tensor of the input's shape, dtype and device) is added to the result and ``activation``
+    (``None`` or ``"relu"``) applied after: ``relu(batch_norm(...) + residual)``, a ResNet block's end, as one
+    op (for now the add and the ReLU run as PyTorch's ops after the BatchNorm kernels; ``explain`` says so).
     """
+    if activation is not None or residual is not None:
+        _check_epilogue(input, activation, residual)
+        y = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, backend=backend,
+                       config=config, out=out)
+        return _epilogue(y, activation, residual, in_place=out is not None)
     # Eval mode's hot path on the CUDA backend: one plan per shape, kept, and one bound call that checks,
     # allocates and launches (a small tensor costs its host time). None sends the call down the general path.
     if (backend == "cuda" and not training and config is None and out is None and isinstance(input, Tensor)
@@ -70,10 +81,20 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
 def explain(input: Tensor, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
             weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False, *,
-            backend: str = "cuda", config=None, out: Optional[Tensor] = None) -> List[Plan]:
+            backend: str = "cuda", config=None, out: Optional[Tensor] = None, activation: Optional[str] = None,
+            residual: Optional[Tensor] = None) -> List[Plan]:
     """The plans ``batch_norm`` with these arguments runs, in order: which kernels, with which launch
     parameters, on which memory layout, and why; where autograd records the call, the backward's plan last.
     Nothing is launched."""
+    if activation is not None or residual is not None:
+        _check_epilogue(input, activation, residual)
+        ops = (("add",) if residual is not None else ()) + ((activation,) if activation else ())
+        epilogue = Plan("torch", "epilogue", dispatch.layout_of(input), ops, {},
+                        "PyTorch's ops after the BatchNorm: not fused into its kernels yet")
+        plans = explain(input, running_mean, running_var, weight, bias, training, backend=backend, config=config,
+                        out=out)
+        backward = [p for p in plans if p.op == "backward"]
+        return [p for p in plans if p.op != "backward"] + [epilogue] + backward
     _check_call(input, running_mean, running_var, weight, bias, training, backend)
     if not _runs_kernels(input, backend) or input.numel() == 0:
         return [Plan("torch", "train" if training else "eval", dispatch.layout_of(input), ("F.batch_norm",), {},
@@ -114,6 +135,27 @@ def _normalize(input, mean, var, weight, bias, eps, backend, config, out):
     x = _dense(input, backend)
     _launch(x, _checked_out(out, x), mean, var, weight, bias, eps, backend, config)
     return out
+
+
+def _check_epilogue(x, activation, residual):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if residual is None or not isinstance(x, Tensor):  # a non-tensor input: batch_norm's own checks say so
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual must have the input's shape {tuple(x.shape)}, dtype {x.dtype} and device "
+                         f"{x.device}; got {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+
+
+def _epilogue(y, activation, residual, in_place: bool):
+    """y + residual, then the activation: in y itself for out=, else new tensors (which autograd records)."""
+    if residual is not None:
+        y = y.add_(residual) if in_place else y + residual
+    if activation == "relu":
+        y = y.relu_() if in_place else torch.relu(y)
+    return y
 
 
 def _checked_out(out: Tensor, x: Tensor) -> Tensor:
