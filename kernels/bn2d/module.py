@@ -39,7 +39,8 @@ class BatchNorm2d(nn.BatchNorm2d):
             return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps,
                               backend=self.backend, activation=activation, residual=residual)
         count = b.get("num_batches_tracked") if self.training and self.momentum is not None else None
-        if count is not None and self.backend == "cuda" and activation is None and residual is None:  # training with autograd's hot path: the kernels count
+        # Training with autograd's hot path: the kernels count the batch.
+        if count is not None and self.backend == "cuda" and activation is None and residual is None:
             y = functional._cuda_train_hot(input, weight, bias, running_mean, running_var, self.momentum, self.eps,
                                            count)
             if y is not None:
